@@ -1,0 +1,46 @@
+"""lowrank-audit: spectral auditing of neural-network checkpoints.
+
+The public API is imported lazily so that ``lowrank-audit --help`` and
+``import lowrank_audit`` stay instant (no torch import until a function is used).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "spectrum": "lowrank_audit.audit",
+    "open_checkpoint": "lowrank_audit.checkpoint",
+    "read_report": "lowrank_audit.report",
+    "write_report": "lowrank_audit.report",
+    "LowrankAuditError": "lowrank_audit.errors",
+    "CheckpointError": "lowrank_audit.errors",
+    "ShapeMismatchError": "lowrank_audit.errors",
+    "NoMatricesSelected": "lowrank_audit.errors",
+    "OptionError": "lowrank_audit.errors",
+    "UnpairedTensorsWarning": "lowrank_audit.errors",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from lowrank_audit.audit import spectrum
+    from lowrank_audit.checkpoint import open_checkpoint
+    from lowrank_audit.errors import (
+        CheckpointError,
+        LowrankAuditError,
+        NoMatricesSelected,
+        OptionError,
+        ShapeMismatchError,
+        UnpairedTensorsWarning,
+    )
+    from lowrank_audit.report import read_report, write_report
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lowrank_audit' has no attribute {name!r}")

@@ -1,0 +1,132 @@
+"""The ``spectrum`` audit: checkpoint -> selection -> engine -> metrics -> report frame."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from lowrank_audit.checkpoint import Checkpoint, open_checkpoint
+from lowrank_audit.errors import UnpairedTensorsWarning
+from lowrank_audit.metrics import matrix_metrics
+from lowrank_audit.report import build_frame, file_digest
+from lowrank_audit.selection import select_matrices
+from lowrank_audit.svd import DEFAULT_MAX_BATCH_MB, EngineConfig, MatrixResult, Progress, spectra
+
+
+def _row(result: MatrixResult, eps: float) -> dict[str, Any]:
+    spec, s = result.spec, result.singular_values
+    row: dict[str, Any] = {
+        "name": spec.name,
+        "module": spec.module,
+        "layer": spec.layer,
+        "role": spec.role,
+        "kind": spec.kind,
+        "expert": result.index,
+        "shape": list(spec.shape),
+        "rows": spec.rows,
+        "cols": spec.cols,
+        "dtype": spec.dtype,
+        "numel": spec.rows * spec.cols,
+        "nonfinite": result.nonfinite,
+        "method": result.method if s is not None else "skipped",
+        "k": len(s) if s is not None else 0,
+        "singular_values": s.tolist() if s is not None else None,
+    }
+    if s is not None:
+        row |= matrix_metrics(s, spec.rows, spec.cols, eps=eps)
+    return row
+
+
+def _inputs(ckpt: Checkpoint) -> dict[str, Any]:
+    return {"path": str(ckpt.path), "files": [file_digest(f) for f in ckpt.files]}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def spectrum(
+    path: str | Path,
+    base: str | Path | None = None,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str = "auto",
+    dtype: str = "float32",
+    max_batch_mb: float = DEFAULT_MAX_BATCH_MB,
+    command: str | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> pd.DataFrame:
+    """Singular-value spectrum and metrics of every matrix of a checkpoint, or of ``path - base``.
+
+    Args:
+        path: Checkpoint file or model folder (see :func:`open_checkpoint`).
+        base: Optional base checkpoint; the audited matrices are then the updates
+            ``W_path - W_base`` (kind ``delta``).
+        include: Globs on tensor names to audit (all when empty).
+        exclude: Globs on tensor names to leave out.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
+        dtype: ``float32`` or ``float64``: the dtype of the decomposition.
+        max_batch_mb: Budget for one batch of stacked same-shape matrices.
+        command: Command line recorded in the report's provenance.
+        progress: Called with cumulative :class:`Progress` after each batch.
+
+    Returns:
+        A report frame (columns in :data:`lowrank_audit.report.COLUMNS`), one row per
+        matrix, sorted by name and expert; provenance in ``frame.attrs["lowrank_audit"]``.
+
+    Raises:
+        CheckpointError: An input is missing, unreadable or unsafe.
+        ShapeMismatchError: A tensor's shape differs between ``path`` and ``base``.
+        NoMatricesSelected: No tensor qualifies as a matrix after selection.
+        OptionError: An option is out of its domain.
+
+    Warns:
+        UnpairedTensorsWarning: With ``base``, names present on one side only.
+
+    Example:
+        >>> df = spectrum("sample_checkpoints/finetuned.safetensors", base="sample_checkpoints/base.safetensors")
+        >>> df.loc[df.role == "down_proj", ["name", "k95"]]  # doctest: +SKIP
+    """
+    config = EngineConfig.create(device=device, dtype=dtype, max_batch_mb=max_batch_mb)
+    with ExitStack() as stack:
+        ckpt = stack.enter_context(open_checkpoint(path))
+        base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
+        selection = select_matrices(ckpt, base=base_ckpt, include=include, exclude=exclude)
+        if selection.unpaired:
+            listed = ", ".join(f"{n} ({why})" for n, why in list(selection.unpaired.items())[:5])
+            more = f" and {len(selection.unpaired) - 5} more" if len(selection.unpaired) > 5 else ""
+            warnings.warn(f"{len(selection.unpaired)} tensors not paired with base, skipped: {listed}{more}", UnpairedTensorsWarning, stacklevel=2)
+        results = spectra(selection.specs, ckpt, base=base_ckpt, config=config, progress=progress)
+        rows = sorted((_row(r, config.eps) for r in results), key=lambda r: (r["name"], r["expert"] or 0))
+        inputs = {"checkpoint": _inputs(ckpt)} | ({"base": _inputs(base_ckpt)} if base_ckpt is not None else {})
+    metadata = {
+        "tool_version": _version(),
+        "command": command or f"lowrank_audit.spectrum({str(path)!r}, base={str(base) if base else None!r})",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": inputs,
+        "device": _device_name(config.device),
+        "torch_version": torch.__version__,
+        "options": {"dtype": dtype, "max_batch_mb": max_batch_mb, "include": list(include), "exclude": list(exclude)},
+        "skipped": selection.skipped,
+        "unpaired": selection.unpaired,
+    }
+    return build_frame(rows, metadata)
+
+
+def _version() -> str:
+    from lowrank_audit import __version__
+
+    return __version__
+
+
+__all__ = ["spectrum"]

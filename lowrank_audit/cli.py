@@ -1,0 +1,224 @@
+"""The ``lowrank-audit`` command line: parse, call one library function, render, map errors.
+
+Heavy modules (torch, pandas) are imported inside commands so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from lowrank_audit import __version__
+from lowrank_audit.errors import LowrankAuditError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+app = typer.Typer(
+    name="lowrank-audit",
+    help="Spectral audits of neural-network checkpoints: singular values of every weight matrix or fine-tuning update.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+# Columns of the summary table after the name: (report column, heading, format).
+_TABLE = (
+    ("matrix", "shape", "{}"),
+    ("spectral_norm", "σ₁", "{:.3g}"),
+    ("effective_rank", "erank", "{:.1f}"),
+    ("k90", "k90", "{}"),
+    ("k95", "k95", "{}"),
+    ("k99", "k99", "{}"),
+    ("signal_rank", "signal", "{}"),
+    ("k95_ratio", "k95%", "{:.0%}"),
+)
+_JSON_COLUMNS = (
+    "name", "expert", "kind", "role", "layer", "rows", "cols", "dtype", "frobenius_norm", "spectral_norm",
+    "nuclear_norm", "stable_rank", "effective_rank", "numerical_rank", "k90", "k95", "k99", "k95_ratio",
+    "signal_rank", "condition_number", "nonfinite", "method", "k",
+)  # fmt: skip
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn our errors into one red line and their exit code; only our own bugs print a traceback."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            err_console.print(f"[yellow]Warning:[/] {w.message}", highlight=False)
+    except LowrankAuditError as err:
+        err_console.print(f"[red]Error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(err.exit_code) from None
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out_console.print(f"lowrank-audit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Spectral audits of neural-network checkpoints."""
+
+
+def _missing(value: Any) -> bool:
+    import pandas as pd
+
+    return value is None or bool(pd.isna(value))
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    return "—" if _missing(value) else pattern.format(value)
+
+
+def _summary_table(frame: pd.DataFrame, top: int) -> Table:
+    ranked = frame[frame["k95_ratio"].notna()].sort_values(["k95_ratio", "name"]).head(top)
+    what = "updates (checkpoint - base)" if (frame["kind"] == "delta").all() else "matrices"
+    table = Table(
+        title=f"Most low-rank {what} ({len(ranked)} of {len(frame)}, by k95%)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("module", overflow="fold", ratio=1, min_width=16)
+    for _, heading, _ in _TABLE:
+        table.add_column(heading, justify="left" if heading == "shape" else "right", no_wrap=True)
+    for row in ranked.to_dict("records"):
+        name = row["module"] + ("" if _missing(row["expert"]) else f"[{row['expert']}]")
+        row["matrix"] = f"{row['rows']}×{row['cols']}"
+        table.add_row(name, *(_fmt(row[col], fmt) for col, _, fmt in _TABLE))
+    return table
+
+
+def _json_value(value: Any) -> Any:
+    if _missing(value) or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def _json_summary(frame: pd.DataFrame, out: Path | None) -> str:
+    meta = frame.attrs["lowrank_audit"]
+    rows = [{c: _json_value(r[c]) for c in _JSON_COLUMNS} for r in frame.to_dict("records")]
+    summary = {
+        "tool_version": meta["tool_version"],
+        "inputs": meta["inputs"],
+        "device": meta["device"],
+        "report": str(out) if out else None,
+        "matrices": len(frame),
+        "nonfinite_matrices": int((frame["nonfinite"] > 0).sum()),
+        "skipped": meta["skipped"],
+        "unpaired": meta["unpaired"],
+        "rows": rows,
+    }
+    return json.dumps(summary, indent=2, allow_nan=False)
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Any]:
+    """A rich progress bar on stderr counting matrices and bytes; yields the callback."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} matrices"),
+        TextColumn("{task.fields[size]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("SVD", total=None, size="")
+
+        def update(p: Any) -> None:
+            size = f"{p.bytes_done / 2**20:.1f}/{p.bytes_total / 2**20:.1f} MiB"
+            bar.update(task, completed=p.matrices_done, total=p.matrices_total, size=size)
+
+        yield update
+
+
+@app.command()
+def spectrum(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .bin/.pt/.pth, .npz, or a Hugging Face model folder.", show_default=False)],
+    base: Annotated[Optional[Path], typer.Option("--base", "-b", help="Base checkpoint: audit the update CHECKPOINT - BASE instead of the weights.")] = None,  # noqa: UP045
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the full report (one row per matrix, singular values included) to this Parquet file.")] = None,  # noqa: UP045
+    include: Annotated[Optional[list[str]], typer.Option("--include", "-i", help="Glob on tensor names to audit; repeat for several. Default: all.")] = None,  # noqa: UP045
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Glob on tensor names to leave out; repeat for several.")] = None,  # noqa: UP045
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Precision of the decomposition: float32 or float64. Half-precision inputs are upcast.")] = "float32",
+    max_batch_mb: Annotated[float, typer.Option(help="Memory budget for one batch of stacked same-shape matrices, in MiB.")] = 256.0,
+    top: Annotated[int, typer.Option(help="Rows in the summary table.", min=0)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary (all rows, no singular values) on stdout instead of the table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Singular-value spectrum of every weight matrix, or of every fine-tuning update with --base.
+
+    Audits every floating tensor with two or more dimensions (3-D tensors as stacked
+    experts, conv kernels as [out, in*kh*kw]) and reports norms, stable and effective
+    rank, energy ranks k90/k95/k99, the Gavish-Donoho signal rank and more.
+
+    Example: lowrank-audit spectrum finetuned.safetensors --base base.safetensors --out r.parquet
+    """
+    with user_errors():
+        from lowrank_audit.audit import spectrum as run_spectrum
+        from lowrank_audit.report import check_output_path, write_report
+
+        if out is not None:
+            check_output_path(out, [checkpoint] + ([base] if base else []))
+        command = shlex.join(["lowrank-audit", *sys.argv[1:]])
+        started = time.perf_counter()
+        with _progress_bar(not quiet and err_console.is_terminal) as progress:
+            frame = run_spectrum(
+                checkpoint, base, include=include or (), exclude=exclude or (), device=device, dtype=dtype,
+                max_batch_mb=max_batch_mb, command=command, progress=progress,
+            )  # fmt: skip
+        elapsed = time.perf_counter() - started
+        if out is not None:
+            write_report(frame, out)
+        if as_json:
+            print(_json_summary(frame, out))
+            return
+        _render(frame, top, elapsed, out)
+
+
+def _render(frame: pd.DataFrame, top: int, elapsed: float, out: Path | None) -> None:
+    meta = frame.attrs["lowrank_audit"]
+    if top:
+        out_console.print(_summary_table(frame, top))
+    bad = frame[frame["nonfinite"] > 0]
+    for row in bad.to_dict("records"):
+        out_console.print(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf entries; not decomposed")
+    tensors = frame["name"].nunique()
+    line = f"Audited {len(frame)} matrices from {tensors} tensors on {meta['device']} in {elapsed:.2f} s"
+    line += f"; {len(meta['skipped'])} tensors skipped (not matrices)" if meta["skipped"] else ""
+    out_console.print(line + (f"; report written to {out}" if out else ""), highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,157 @@
+"""Pure functions of a matrix's singular values (descending, float64) and its shape.
+
+Conventions, tested in ``tests/test_metrics.py``:
+
+- ``energy`` is the squared Frobenius norm, ``sum(s**2)``, accumulated in float64.
+- Energy rank ``k_e``: the smallest k with ``sum(s[:k]**2) >= e * energy``; 0 for the
+  zero matrix; ``None`` when only the top of the spectrum is known and it does not
+  reach the target.
+- Figures that need the whole spectrum (nuclear norm, effective rank, numerical rank,
+  signal rank, condition number) are ``None`` when ``s`` holds only the top values.
+- The zero matrix has every rank 0, stable and effective rank 0, condition number None.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+ENERGY_TARGETS = (0.90, 0.95, 0.99)
+
+
+def energy_rank(s: np.ndarray, energy: float, target: float) -> int | None:
+    """Smallest k with ``sum(s[:k]**2) >= target * energy``.
+
+    Args:
+        s: Singular values of shape (k,), descending.
+        energy: The matrix's squared Frobenius norm (``sum(s**2)`` for a full spectrum).
+        target: Energy fraction in (0, 1].
+
+    Returns:
+        The rank, 0 for the zero matrix, or None when ``s`` does not reach the target.
+    """
+    if energy <= 0.0:
+        return 0
+    cumulative = np.cumsum(np.square(s, dtype=np.float64))
+    k = int(np.searchsorted(cumulative, target * energy, side="left")) + 1
+    return k if k <= len(s) else None
+
+
+def stable_rank(s: np.ndarray, energy: float) -> float:
+    """``||W||_F^2 / ||W||_2^2`` (Rudelson & Vershynin); 0 for the zero matrix."""
+    return float(energy / s[0] ** 2) if len(s) and s[0] > 0 else 0.0
+
+
+def effective_rank(s: np.ndarray) -> float:
+    """Entropy effective rank ``exp(H(p))`` with ``p = s / sum(s)`` (Roy & Vetterli, 2007)."""
+    total = float(np.sum(s))
+    if total <= 0.0:
+        return 0.0
+    p = s[s > 0] / total
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def numerical_rank(s: np.ndarray, rows: int, cols: int, eps: float) -> int:
+    """Count of ``s > s[0] * max(rows, cols) * eps``: LAPACK's and NumPy's ``matrix_rank`` rule.
+
+    ``eps`` is the machine epsilon of the dtype the decomposition ran in.
+    """
+    if not len(s) or s[0] <= 0.0:
+        return 0
+    return int(np.count_nonzero(s > s[0] * max(rows, cols) * eps))
+
+
+@lru_cache(maxsize=256)
+def marchenko_pastur_median(beta: float) -> float:
+    """Median of the Marchenko-Pastur law with aspect ratio ``beta`` in (0, 1] and unit variance."""
+    from scipy import integrate, optimize
+
+    lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
+
+    def density(t: float) -> float:
+        return math.sqrt(max((hi - t) * (t - lo), 0.0)) / (2 * math.pi * beta * t)
+
+    def mass_below(x: float) -> float:
+        # Substituting t = lo + u**2 removes the 1/sqrt singularity at lo (at 0 when beta = 1).
+        value, _ = integrate.quad(lambda u: 2 * u * density(lo + u * u), 0.0, math.sqrt(x - lo), limit=200)
+        return value - 0.5
+
+    return float(optimize.brentq(mass_below, lo + 1e-12, hi, xtol=1e-13, rtol=1e-13))
+
+
+def optimal_threshold_coefficient(beta: float) -> float:
+    """Gavish & Donoho's ``omega(beta)``: the hard threshold for unknown noise is ``omega * median(s)``.
+
+    ``omega(beta) = lambda*(beta) / sqrt(mu_beta)`` with ``lambda*`` their eq. (11) and
+    ``mu_beta`` the Marchenko-Pastur median (IEEE Trans. Inf. Theory 60(8), 2014).
+    """
+    lam = math.sqrt(2 * (beta + 1) + 8 * beta / (beta + 1 + math.sqrt(beta * beta + 14 * beta + 1)))
+    return lam / math.sqrt(marchenko_pastur_median(beta))
+
+
+def signal_rank(s: np.ndarray, rows: int, cols: int, eps: float) -> int:
+    """Singular values above the Gavish-Donoho optimal hard threshold (noise level unknown).
+
+    Never more than :func:`numerical_rank`: for an exactly low-rank matrix the "noise" is
+    round-off, and values below the numerical tolerance are zero at this precision.
+    """
+    if not len(s) or s[0] <= 0.0:
+        return 0
+    beta = min(rows, cols) / max(rows, cols)
+    # Round beta so the cache is shared by matrices of nearly equal aspect; omega moves by
+    # less than 1e-6 over that step.
+    tau = optimal_threshold_coefficient(round(beta, 9)) * float(np.median(s))
+    return min(int(np.count_nonzero(s > tau)), numerical_rank(s, rows, cols, eps))
+
+
+def matrix_metrics(s: np.ndarray, rows: int, cols: int, *, eps: float, energy: float | None = None) -> dict[str, Any]:
+    """Every per-matrix figure of the report that depends on the singular values.
+
+    Args:
+        s: Singular values of shape (k,), descending, k <= min(rows, cols).
+        rows, cols: The matrix shape.
+        eps: Machine epsilon of the decomposition's dtype (for the numerical rank).
+        energy: ``||W||_F^2``; required when ``s`` holds only the top k values,
+            taken from ``s`` otherwise.
+
+    Returns:
+        A dict keyed by report column names.
+    """
+    s = np.asarray(s, dtype=np.float64)
+    complete = len(s) == min(rows, cols)
+    if complete:
+        energy = float(np.cumsum(np.square(s))[-1]) if len(s) else 0.0  # the same sum energy_rank sees
+    elif energy is None:
+        raise ValueError("energy (the squared Frobenius norm) is required for a truncated spectrum")
+    spectral = float(s[0]) if len(s) else 0.0
+    out: dict[str, Any] = {
+        "frobenius_norm": math.sqrt(energy),
+        "spectral_norm": spectral,
+        "nuclear_norm": float(np.sum(s)) if complete else None,
+        "stable_rank": stable_rank(s, energy),
+        "effective_rank": effective_rank(s) if complete else None,
+        "numerical_rank": numerical_rank(s, rows, cols, eps) if complete else None,
+        "signal_rank": signal_rank(s, rows, cols, eps) if complete else None,
+        "condition_number": (spectral / s[-1] if s[-1] > 0 else math.inf) if complete and spectral > 0 else None,
+    }
+    for target in ENERGY_TARGETS:
+        out[f"k{round(target * 100)}"] = energy_rank(s, energy, target)
+    k95 = out["k95"]
+    out["k95_ratio"] = k95 / min(rows, cols) if k95 is not None else None
+    return out
+
+
+__all__ = [
+    "ENERGY_TARGETS",
+    "effective_rank",
+    "energy_rank",
+    "marchenko_pastur_median",
+    "matrix_metrics",
+    "numerical_rank",
+    "optimal_threshold_coefficient",
+    "signal_rank",
+    "stable_rank",
+]

@@ -1,0 +1,139 @@
+"""The report: one row per matrix, columns declared once here, Parquet on disk.
+
+A report is a :class:`pandas.DataFrame` whose ``attrs["lowrank_audit"]`` holds the
+provenance (tool version, command, inputs with size and SHA-256, device, torch
+version, options, skipped tensors). :func:`write_report` stores that dict as Parquet
+file metadata under the key ``lowrank_audit``; :func:`read_report` restores it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lowrank_audit.errors import CheckpointError, OptionError
+
+METADATA_KEY = "lowrank_audit"
+# (column, type, meaning). The order is the file's column order; tests pin it.
+COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
+    ("name", pa.string(), "tensor name in the checkpoint"),
+    ("module", pa.string(), "module path: the name without its trailing '.weight'"),
+    ("layer", pa.int64(), "first integer component of the name (null when none)"),
+    ("role", pa.string(), "last component of the module path: q_proj, up_proj, embed_tokens, ..."),
+    ("kind", pa.string(), "weight, or delta (fine-tuned minus base)"),
+    ("expert", pa.int64(), "index of the matrix in a 3-D tensor (null for 2-D and conv tensors)"),
+    ("shape", pa.list_(pa.int64()), "stored tensor shape"),
+    ("rows", pa.int64(), "rows of the audited matrix"),
+    ("cols", pa.int64(), "columns of the audited matrix"),
+    ("dtype", pa.string(), "stored dtype of the (fine-tuned) tensor"),
+    ("numel", pa.int64(), "entries of the audited matrix: rows * cols"),
+    ("frobenius_norm", pa.float64(), "||W||_F"),
+    ("spectral_norm", pa.float64(), "largest singular value"),
+    ("nuclear_norm", pa.float64(), "sum of singular values"),
+    ("stable_rank", pa.float64(), "||W||_F^2 / ||W||_2^2"),
+    ("effective_rank", pa.float64(), "entropy effective rank (Roy & Vetterli)"),
+    ("numerical_rank", pa.int64(), "singular values above s1 * max(rows, cols) * eps(compute dtype)"),
+    ("k90", pa.int64(), "smallest k keeping 90 % of the energy sum(s^2)"),
+    ("k95", pa.int64(), "smallest k keeping 95 % of the energy"),
+    ("k99", pa.int64(), "smallest k keeping 99 % of the energy"),
+    ("k95_ratio", pa.float64(), "k95 / min(rows, cols)"),
+    ("signal_rank", pa.int64(), "singular values above the Gavish-Donoho optimal hard threshold"),
+    ("condition_number", pa.float64(), "s1 / s_min (inf when s_min is 0)"),
+    ("nonfinite", pa.int64(), "NaN or Inf entries; such matrices are not decomposed"),
+    ("method", pa.string(), "exact, or skipped (non-finite entries)"),
+    ("k", pa.int64(), "number of singular values computed"),
+    ("singular_values", pa.list_(pa.float64()), "the computed singular values, descending"),
+)
+SCHEMA = pa.schema([(name, dtype) for name, dtype, _ in COLUMNS])
+_PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.float64(): pd.Float64Dtype(), pa.string(): pd.StringDtype()}
+
+
+def build_frame(rows: Sequence[dict[str, Any]], metadata: dict[str, Any] | None = None) -> pd.DataFrame:
+    """A report DataFrame from row dicts keyed by :data:`COLUMNS`, nulls kept as ``<NA>``."""
+    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    return _to_frame(table, metadata or {})
+
+
+def _to_frame(table: pa.Table, metadata: dict[str, Any]) -> pd.DataFrame:
+    frame = table.to_pandas(types_mapper=_PANDAS_TYPES.get)
+    frame.attrs[METADATA_KEY] = metadata
+    return frame
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """Path, size and SHA-256 of one input file."""
+    sha = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                sha.update(chunk)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read for hashing: {exc.strerror or exc}") from exc
+    return {"path": str(path), "size": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def check_output_path(out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an output path that is, or lies inside, an input: inputs are never overwritten.
+
+    Raises:
+        OptionError: ``out`` is an input file, an input folder, or inside one.
+    """
+    target = out.resolve()
+    for path in inputs:
+        src = path.resolve()
+        if target == src or (src.is_dir() and target.is_relative_to(src)):
+            raise OptionError(f"output {out} would overwrite input {path}; choose another --out")
+    if target.is_dir():
+        raise OptionError(f"output {out} is a folder; give a file name such as {out / 'report.parquet'}")
+
+
+def write_report(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a report to Parquet atomically: a temporary file beside ``path``, then a rename.
+
+    Args:
+        frame: A report from :func:`build_frame` (or read back by :func:`read_report`).
+        path: Destination; parent folders are created.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False)
+    meta = json.dumps(frame.attrs.get(METADATA_KEY, {}), sort_keys=True, default=str)
+    table = table.replace_schema_metadata({METADATA_KEY: meta})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_report(path: str | Path) -> pd.DataFrame:
+    """Read a report written by :func:`write_report`, provenance in ``attrs``.
+
+    Raises:
+        CheckpointError: The file is missing or is not a lowrank-audit report.
+    """
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise CheckpointError(f"{path}: cannot read Parquet report: {exc}") from exc
+    raw = (table.schema.metadata or {}).get(METADATA_KEY.encode())
+    if raw is None or table.schema.names != SCHEMA.names:
+        raise CheckpointError(f"{path}: not a lowrank-audit report (columns or metadata missing)")
+    return _to_frame(table.cast(SCHEMA), json.loads(raw))
+
+
+__all__ = ["COLUMNS", "METADATA_KEY", "SCHEMA", "build_frame", "check_output_path", "file_digest", "read_report", "write_report"]

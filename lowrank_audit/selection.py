@@ -1,0 +1,170 @@
+"""Which tensors are audited, as which matrices, and how names map to layers and roles.
+
+Rules (the README repeats them for users):
+
+- Floating tensors with two or more dimensions are audited; 1-D tensors and integer or
+  boolean tensors are skipped and listed with the reason.
+- 2-D tensors are one matrix. 3-D tensors are stacked matrices (MoE experts), one row
+  each. 4-D and higher (convolution kernels ``[out, in, kh, kw]``) are flattened to
+  ``[out, in*kh*kw]``.
+- A matrix whose smaller side is below 2 has no spectrum worth the name and is skipped.
+- ``include``/``exclude`` are shell-style globs on the full tensor name.
+- With a base checkpoint, the audited matrix is ``fine-tuned - base`` (kind ``delta``);
+  names found on one side only are skipped and reported, different shapes are an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+import torch
+
+from lowrank_audit.checkpoint import Checkpoint, TensorInfo
+from lowrank_audit.errors import NoMatricesSelected, ShapeMismatchError
+
+MIN_SIDE = 2
+_LAYER = re.compile(r"^\d+$")
+_PARAM_SUFFIXES = ("weight",)
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """One audited tensor: where it comes from and the matrices it is viewed as.
+
+    ``count`` matrices of shape ``(rows, cols)``: ``count`` is the number of experts of
+    a 3-D tensor and 1 otherwise.
+    """
+
+    name: str
+    module: str
+    role: str
+    layer: int | None
+    kind: str  # "weight" or "delta"
+    shape: tuple[int, ...]
+    dtype: str
+    rows: int
+    cols: int
+    count: int
+
+    @property
+    def numel(self) -> int:
+        return self.count * self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of selection: what is audited, and what is not, with reasons."""
+
+    specs: tuple[MatrixSpec, ...]
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> reason
+    unpaired: dict[str, str] = field(default_factory=dict)  # name -> "only in base" / "only in fine-tune"
+
+
+def parse_name(name: str) -> tuple[str, str, int | None]:
+    """Module path, role and layer index of a tensor name.
+
+    Example:
+        >>> parse_name("model.layers.3.self_attn.q_proj.weight")
+        ('model.layers.3.self_attn.q_proj', 'q_proj', 3)
+    """
+    parts = name.split(".")
+    module_parts = parts[:-1] if len(parts) > 1 and parts[-1] in _PARAM_SUFFIXES else parts
+    layer = next((int(p) for p in module_parts if _LAYER.match(p)), None)
+    return ".".join(module_parts), module_parts[-1], layer
+
+
+def matrix_view(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(count, rows, cols)`` under which a tensor of ``shape`` is audited."""
+    if len(shape) == 2:
+        return 1, shape[0], shape[1]
+    if len(shape) == 3:
+        return shape[0], shape[1], shape[2]
+    cols = 1
+    for side in shape[1:]:
+        cols *= side
+    return 1, shape[0], cols
+
+
+def _skip_reason(info: TensorInfo) -> str | None:
+    if not info.is_floating:
+        return f"not floating point ({info.dtype})"
+    if len(info.shape) < 2:
+        return f"{len(info.shape)}-D"
+    _, rows, cols = matrix_view(info.shape)
+    if min(rows, cols) < MIN_SIDE:
+        return f"matrix {rows}x{cols} has a side below {MIN_SIDE}"
+    return None
+
+
+def _wanted(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if include and not any(fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatchcase(name, p) for p in exclude)
+
+
+def select_matrices(
+    ckpt: Checkpoint,
+    *,
+    base: Checkpoint | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> Selection:
+    """Decide which tensors of ``ckpt`` (or of ``ckpt - base``) are audited.
+
+    Args:
+        ckpt: The checkpoint to audit (the fine-tune, when ``base`` is given).
+        base: Optional base checkpoint; tensors pair by name.
+        include: Globs on tensor names; when given, only matching names are audited.
+        exclude: Globs on tensor names never audited.
+
+    Returns:
+        A :class:`Selection` in sorted name order.
+
+    Raises:
+        ShapeMismatchError: A paired tensor has different shapes in the two checkpoints.
+        NoMatricesSelected: Nothing is left to audit.
+    """
+    specs, skipped, unpaired = [], {}, {}
+    names = [n for n in ckpt if _wanted(n, include, exclude)]
+    if base is not None:
+        unpaired = {n: "only in fine-tune" for n in names if n not in base}
+        unpaired |= {n: "only in base" for n in base if n not in ckpt and _wanted(n, include, exclude)}
+    for name in names:
+        info = ckpt.info(name)
+        if (reason := _skip_reason(info)) is not None:
+            skipped[name] = reason
+            continue
+        if name in unpaired:
+            continue
+        if base is not None and base.info(name).shape != info.shape:
+            raise ShapeMismatchError(
+                f"tensor {name!r} has shape {list(info.shape)} in {info.file} "
+                f"but {list(base.info(name).shape)} in base {base.info(name).file}"
+            )
+        count, rows, cols = matrix_view(info.shape)
+        module, role, layer = parse_name(name)
+        kind = "weight" if base is None else "delta"
+        specs.append(MatrixSpec(name, module, role, layer, kind, info.shape, info.dtype, rows, cols, count))
+    if not specs:
+        where = f"{ckpt.path}" + (f" (with base {base.path})" if base is not None else "")
+        hint = " with these --include/--exclude patterns" if include or exclude else ""
+        raise NoMatricesSelected(f"{where}: no matrix to audit{hint}; {len(names)} tensors considered")
+    return Selection(tuple(specs), skipped, dict(sorted(unpaired.items())))
+
+
+def read_matrices(spec: MatrixSpec, ckpt: Checkpoint, base: Checkpoint | None, dtype: torch.dtype) -> torch.Tensor:
+    """The matrices of ``spec`` as a ``(count, rows, cols)`` tensor of ``dtype`` on the CPU.
+
+    Half-precision and fp8 inputs are upcast before any arithmetic, so a delta is the
+    exact difference of the stored values (up to ``dtype`` rounding).
+    """
+    mats = ckpt[spec.name].to(dtype).reshape(spec.count, spec.rows, spec.cols)  # (count, rows, cols)
+    if base is not None and spec.kind == "delta":
+        mats = mats - base[spec.name].to(dtype).reshape(spec.count, spec.rows, spec.cols)
+    return mats
+
+
+__all__ = ["MatrixSpec", "Selection", "matrix_view", "parse_name", "read_matrices", "select_matrices"]
