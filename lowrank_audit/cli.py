@@ -212,11 +212,11 @@ def _render(frame: pd.DataFrame, top: int, elapsed: float, out: Path | None) -> 
         out_console.print(_summary_table(frame, top))
     bad = frame[frame["nonfinite"] > 0]
     for row in bad.to_dict("records"):
-        out_console.print(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf entries; not decomposed")
+        out_console.print(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf entries; not decomposed", soft_wrap=True)
     tensors = frame["name"].nunique()
     line = f"Audited {len(frame)} matrices from {tensors} tensors on {meta['device']} in {elapsed:.2f} s"
     line += f"; {len(meta['skipped'])} tensors skipped (not matrices)" if meta["skipped"] else ""
-    out_console.print(line + (f"; report written to {out}" if out else ""), highlight=False)
+    out_console.print(line + (f"; report written to {out}" if out else ""), highlight=False, soft_wrap=True)
 
 
 def main() -> None:

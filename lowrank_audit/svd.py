@@ -120,7 +120,20 @@ def plan_batches(specs: Sequence[MatrixSpec], *, itemsize: int, max_batch_bytes:
 
 def singular_values(batch: torch.Tensor) -> torch.Tensor:
     """Exact singular values of a ``(b, m, n)`` stack, descending, shape ``(b, min(m, n))``."""
-    return torch.linalg.svdvals(batch)
+    # W and W^T share singular values, and LAPACK's gesdd is about twice as fast on the
+    # tall orientation of a row-major wide matrix (benchmarks/README.md).
+    return torch.linalg.svdvals(batch.mT if batch.shape[-2] < batch.shape[-1] else batch)
+
+
+def count_nonfinite(batch: torch.Tensor) -> list[int]:
+    """NaN and Inf entries of each matrix of a ``(b, m, n)`` stack."""
+    # A finite sum proves every entry finite (NaN and Inf propagate) at the cost of one
+    # read; only a matrix whose sum is not finite (or overflowed) is counted entry by entry.
+    sums = batch.sum(dim=(1, 2))
+    counts = [0] * len(batch)
+    for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
+        counts[i] = int((~torch.isfinite(batch[i])).sum())
+    return counts
 
 
 def _stored_bytes(spec: MatrixSpec, with_base: bool) -> int:
@@ -150,7 +163,7 @@ def spectra(
     done_matrices = done_bytes = 0
     for batch_specs in plan_batches(specs, itemsize=itemsize, max_batch_bytes=config.max_batch_bytes):
         stack = torch.cat([read_matrices(s, ckpt, base, config.dtype) for s in batch_specs])  # (b, m, n)
-        nonfinite = (~torch.isfinite(stack)).sum(dim=(1, 2)).tolist()
+        nonfinite = count_nonfinite(stack)
         finite = [i for i, n in enumerate(nonfinite) if n == 0]
         values: dict[int, np.ndarray] = {}
         if finite:
@@ -170,4 +183,14 @@ def spectra(
             progress(Progress(done_matrices, totals[0], done_bytes, totals[1]))
 
 
-__all__ = ["DTYPES", "EngineConfig", "MatrixResult", "Progress", "plan_batches", "resolve_device", "singular_values", "spectra"]
+__all__ = [
+    "DTYPES",
+    "EngineConfig",
+    "MatrixResult",
+    "Progress",
+    "count_nonfinite",
+    "plan_batches",
+    "resolve_device",
+    "singular_values",
+    "spectra",
+]
