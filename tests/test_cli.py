@@ -1,0 +1,144 @@
+"""The command line: output, exit codes, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from lowrank_audit.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "160"})
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_spectrum_with_base_writes_report_and_table(samples, tmp_path):
+    out = tmp_path / "r.parquet"
+    result = invoke("spectrum", samples / "finetuned.safetensors", "--base", samples / "base.safetensors", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "Most low-rank updates" in result.stdout and "model.layers.0.mlp.down_proj" in result.stdout
+    assert "Audited 16 matrices from 16 tensors on cpu" in result.stdout and f"report written to {out}" in result.stdout
+    frame = pd.read_parquet(out)  # plain pandas reads it
+    assert len(frame) == 16 and (frame["kind"] == "delta").all()
+    assert json.loads(pq.read_schema(out).metadata[b"lowrank_audit"])["command"].startswith("lowrank-audit")
+
+
+def test_json_summary_is_machine_readable(samples):
+    result = invoke("spectrum", samples / "synthetic.safetensors", "--json")
+    assert result.exit_code == 0
+    summary = json.loads(result.stdout)
+    assert summary["matrices"] == 7 and summary["report"] is None
+    rows = {(r["name"], r["expert"]): r for r in summary["rows"]}
+    assert rows[("noisy_rank4.weight", None)]["k95"] == 3 and rows[("experts.weight", 2)]["rows"] == 32
+    assert set(summary["skipped"]) == {"norm.weight", "row.weight", "token_ids"}
+
+
+def test_include_exclude_and_top(samples):
+    result = invoke("spectrum", samples / "base.safetensors", "-i", "*mlp*", "-x", "*down_proj*", "--top", "2", "--json")
+    assert {r["role"] for r in json.loads(result.stdout)["rows"]} == {"gate_proj", "up_proj"}
+    table = invoke("spectrum", samples / "base.safetensors", "--top", "2")
+    assert "(2 of 16, by k95%)" in table.stdout
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(invoke("spectrum", tmp_path / "nope.safetensors"), "nope.safetensors", "no such file")
+
+
+def test_truncated_and_garbled(samples, tmp_path):
+    assert_one_line_error(invoke("spectrum", samples / "truncated.safetensors"), "truncated.safetensors", "incomplete")
+    garbled = tmp_path / "garbled.safetensors"
+    garbled.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert_one_line_error(invoke("spectrum", garbled, "--out", tmp_path / "r.parquet"), "garbled.safetensors")
+    assert not (tmp_path / "r.parquet").exists()
+
+
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_pickle_that_would_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.ones(4, 4), "x": _RunsCode(str(marker))}, tmp_path / "evil.pt")
+    assert_one_line_error(invoke("spectrum", tmp_path / "evil.pt", "--out", tmp_path / "r.parquet"), "evil.pt")
+    assert not marker.exists() and not (tmp_path / "r.parquet").exists()
+
+
+def test_base_with_different_shape(samples, tmp_path):
+    tensors = load_file(samples / "base.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 128)
+    save_file(tensors, tmp_path / "other.safetensors")
+    out = tmp_path / "r.parquet"
+    result = invoke("spectrum", samples / "finetuned.safetensors", "--base", tmp_path / "other.safetensors", "--out", out)
+    assert_one_line_error(result, "model.layers.1.mlp.up_proj.weight", "[128, 64]", "[64, 128]", "other.safetensors")
+    assert not out.exists()
+
+
+def test_output_equal_to_input_is_refused(samples, tmp_path):
+    src = tmp_path / "model.safetensors"
+    src.write_bytes((samples / "base.safetensors").read_bytes())
+    before = src.read_bytes()
+    assert_one_line_error(invoke("spectrum", src, "--out", src), "would overwrite input")
+    assert src.read_bytes() == before
+
+
+def test_bad_options(samples):
+    assert_one_line_error(invoke("spectrum", samples / "base.safetensors", "--dtype", "float16"), "dtype must be one of")
+    assert_one_line_error(invoke("spectrum", samples / "base.safetensors", "--device", "tpu"), "device must be")
+    assert_one_line_error(invoke("spectrum", samples / "base.safetensors", "-i", "*zzz*"), "no matrix to audit")
+    assert invoke("spectrum").exit_code == 2  # usage error from the parser
+
+
+def test_unpaired_tensors_warn_but_succeed(samples, tmp_path):
+    tensors = load_file(samples / "base.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, tmp_path / "b.safetensors")
+    result = invoke("spectrum", samples / "finetuned.safetensors", "--base", tmp_path / "b.safetensors")
+    assert result.exit_code == 0
+    assert "Warning: 1 tensors not paired with base, skipped: lm_head.weight (only in fine-tune)" in result.stderr
+
+
+def test_help_and_version_do_not_import_torch():
+    code = "import sys; from lowrank_audit.cli import main; sys.argv=['lowrank-audit','{}']\n" \
+           "try: main()\nexcept SystemExit: pass\nassert 'torch' not in sys.modules and 'pandas' not in sys.modules, 'heavy import'"  # fmt: skip
+    for flag in ("--help", "--version"):
+        proc = subprocess.run([sys.executable, "-c", code.format(flag)], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_python_dash_m(samples):
+    proc = subprocess.run([sys.executable, "-m", "lowrank_audit", "spectrum", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--base" in proc.stdout
+
+
+def test_every_command_has_help_and_is_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        assert invoke(name, "--help").exit_code == 0
+        assert f"lowrank-audit {name}" in readme, name

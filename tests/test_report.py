@@ -1,0 +1,95 @@
+"""The Parquet schema is stable, round-trips exactly, and is written atomically."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowrank_audit.errors import CheckpointError, OptionError
+from lowrank_audit.report import COLUMNS, build_frame, check_output_path, read_report, write_report
+
+PINNED = {
+    "name": "string", "module": "string", "layer": "int64", "role": "string", "kind": "string",
+    "expert": "int64", "shape": "list<item: int64>", "rows": "int64", "cols": "int64", "dtype": "string",
+    "numel": "int64", "frobenius_norm": "double", "spectral_norm": "double", "nuclear_norm": "double",
+    "stable_rank": "double", "effective_rank": "double", "numerical_rank": "int64", "k90": "int64",
+    "k95": "int64", "k99": "int64", "k95_ratio": "double", "signal_rank": "int64",
+    "condition_number": "double", "nonfinite": "int64", "method": "string", "k": "int64",
+    "singular_values": "list<item: double>",
+}  # fmt: skip
+
+
+def test_schema_is_pinned():
+    """Renaming, retyping or reordering a column breaks users' queries: change it here on purpose."""
+    assert {name: str(dtype) for name, dtype, _ in COLUMNS} == PINNED
+    assert [name for name, _, _ in COLUMNS] == list(PINNED)
+
+
+def _row(**over):
+    row = {name: None for name, _, _ in COLUMNS}
+    row.update(name="a.weight", module="a", role="a", kind="weight", shape=[3, 2], rows=3, cols=2, dtype="float32",
+               numel=6, nonfinite=0, method="exact", k=2, singular_values=[2.0, 1.0], k95=2, condition_number=float("inf"))  # fmt: skip
+    row.update(over)
+    return row
+
+
+def test_round_trip_keeps_values_nulls_and_metadata(tmp_path):
+    meta = {"tool_version": "x", "skipped": {"b": "1-D"}}
+    frame = build_frame([_row(), _row(name="b.weight", layer=3, expert=1, k95=None, singular_values=None)], meta)
+    path = write_report(frame, tmp_path / "sub" / "r.parquet")
+    back = read_report(path)
+    pd.testing.assert_frame_equal(back, frame)
+    assert back.attrs["lowrank_audit"] == meta
+    assert back["k95"].isna().tolist() == [False, True]  # null stays null, never NaN or 0
+    assert back["condition_number"][0] == float("inf")
+    assert pq.read_schema(path).metadata[b"lowrank_audit"]
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.parquet"]  # no temporary left
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    values=st.lists(st.floats(0, 1e6, allow_nan=False), min_size=0, max_size=5),
+    layer=st.none() | st.integers(0, 1000),
+    k95=st.none() | st.integers(0, 10**6),
+)
+def test_round_trip_property(tmp_path_factory, values, layer, k95):
+    frame = build_frame([_row(singular_values=sorted(values, reverse=True), layer=layer, k95=k95)], {"v": 1})
+    back = read_report(write_report(frame, tmp_path_factory.mktemp("rt") / "r.parquet"))
+    pd.testing.assert_frame_equal(back, frame)
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    frame = build_frame([_row()], {})
+    target = tmp_path / "r.parquet"
+    target.write_bytes(b"previous report")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(frame, target)
+    assert target.read_bytes() == b"previous report"  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["r.parquet"]
+
+
+def test_read_report_rejects_other_parquet(tmp_path):
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
+    with pytest.raises(CheckpointError, match="not a lowrank-audit report"):
+        read_report(tmp_path / "other.parquet")
+    with pytest.raises(CheckpointError, match="cannot read Parquet report"):
+        read_report(tmp_path / "absent.parquet")
+
+
+def test_output_may_not_be_an_input(tmp_path, samples):
+    with pytest.raises(OptionError, match="would overwrite input"):
+        check_output_path(samples / "base.safetensors", [samples / "base.safetensors"])
+    with pytest.raises(OptionError, match="would overwrite input"):
+        check_output_path(samples / "base-sharded" / "r.parquet", [samples / "base-sharded"])
+    with pytest.raises(OptionError, match="is a folder"):
+        check_output_path(tmp_path, [samples / "base.safetensors"])
+    check_output_path(tmp_path / "r.parquet", [samples / "base.safetensors"])  # fine
