@@ -105,7 +105,11 @@ def spectrum(
         if selection.unpaired:
             listed = ", ".join(f"{n} ({why})" for n, why in list(selection.unpaired.items())[:5])
             more = f" and {len(selection.unpaired) - 5} more" if len(selection.unpaired) > 5 else ""
-            warnings.warn(f"{len(selection.unpaired)} tensors not paired with base, skipped: {listed}{more}", UnpairedTensorsWarning, stacklevel=2)
+            warnings.warn(
+                f"{len(selection.unpaired)} tensors not paired with base, skipped: {listed}{more}",
+                UnpairedTensorsWarning,
+                stacklevel=2,
+            )
         results = spectra(selection.specs, ckpt, base=base_ckpt, config=config, progress=progress)
         rows = sorted((_row(r, config.eps) for r in results), key=lambda r: (r["name"], r["expert"] or 0))
         inputs = {"checkpoint": _inputs(ckpt)} | ({"base": _inputs(base_ckpt)} if base_ckpt is not None else {})

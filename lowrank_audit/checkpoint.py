@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from safetensors import SafetensorError
 
 from lowrank_audit.errors import CheckpointError
@@ -42,7 +41,16 @@ _SAFETENSORS_DTYPES = {
 }
 # What the parsers raise on a corrupt, truncated or unsafe file (weights_only refusals
 # are UnpicklingError); anything else is our bug and keeps its traceback.
-_UNREADABLE = (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError)
+_UNREADABLE = (
+    OSError,
+    ValueError,
+    RuntimeError,
+    EOFError,
+    KeyError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    SafetensorError,
+)
 _TORCH_SUFFIXES = {".bin", ".pt", ".pth"}
 # Folder layouts, in the order Hugging Face's loaders prefer them.
 _FOLDER_ENTRIES = (
@@ -89,7 +97,7 @@ class _Reader(ABC):
     @abstractmethod
     def read(self, name: str) -> torch.Tensor: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most readers need it
         """Release the file; the default reader holds nothing open."""
 
 
@@ -99,7 +107,7 @@ class _SafetensorsReader(_Reader):
         from safetensors import safe_open
 
         self._file = safe_open(str(path), framework="pt")
-        for name in self._file.keys():
+        for name in self._file.keys():  # noqa: SIM118 - a safe_open handle, not a dict
             sl = self._file.get_slice(name)
             code = sl.get_dtype()
             dtype = _dtype_name(_SAFETENSORS_DTYPES.get(code), code.lower())
@@ -133,7 +141,9 @@ class _TorchReader(_Reader):
             # Files in the legacy (pre-1.6, non-zip) format cannot be memory-mapped.
             obj = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+            raise CheckpointError(
+                f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+            )
         self._tensors = dict(_flatten(obj))
         for name, t in self._tensors.items():
             self.infos[name] = TensorInfo(name, tuple(t.shape), _dtype_name(t.dtype, "?"), path)
@@ -152,7 +162,9 @@ class _NpzReader(_Reader):
         for name in self._npz.files:
             with self._npz.zip.open(f"{name}.npy") as member:
                 version = np.lib.format.read_magic(member)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, _, dtype = read_header(member)  # the header only, not the data
             self.infos[name] = TensorInfo(name, tuple(shape), _dtype_name(dtype, dtype.str), path)
 
@@ -186,7 +198,9 @@ def _shard_paths(index: Path) -> dict[str, Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a valid shard index (need a JSON object with 'weight_map'): {exc}") from exc
+        raise CheckpointError(
+            f"{index}: not a valid shard index (need a JSON object with 'weight_map'): {exc}"
+        ) from exc
     folder = index.parent.resolve()
     out = {}
     for name, shard in weight_map.items():
@@ -204,7 +218,9 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     iterate in sorted order, so everything downstream is order-independent.
     """
 
-    def __init__(self, path: Path, readers: list[_Reader], owner: dict[str, _Reader], index: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, readers: list[_Reader], owner: dict[str, _Reader], index: Path | None = None
+    ) -> None:
         self.path = path
         self._index = index
         self._readers = readers

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -164,23 +164,54 @@ def _progress_bar(enabled: bool) -> Iterator[Any]:
 
 @app.command()
 def spectrum(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .bin/.pt/.pth, .npz, or a Hugging Face model folder.", show_default=False)],
-    base: Annotated[Optional[Path], typer.Option("--base", "-b", help="Base checkpoint: audit the update CHECKPOINT - BASE instead of the weights.")] = None,  # noqa: UP045
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the full report (one row per matrix, singular values included) to this Parquet file.")] = None,  # noqa: UP045
-    include: Annotated[Optional[list[str]], typer.Option("--include", "-i", help="Glob on tensor names to audit; repeat for several. Default: all.")] = None,  # noqa: UP045
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Glob on tensor names to leave out; repeat for several.")] = None,  # noqa: UP045
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="Checkpoint: .safetensors, .bin/.pt/.pth, .npz, or a Hugging Face model folder.", show_default=False
+        ),
+    ],
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base", "-b", help="Base checkpoint: audit the update CHECKPOINT - BASE instead of the weights."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Write the full report (one row per matrix, singular values included) to this Parquet file.",
+        ),
+    ] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", "-i", help="Glob on tensor names to audit; repeat for several. Default: all."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", "-x", help="Glob on tensor names to leave out; repeat for several."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Precision of the decomposition: float32 or float64. Half-precision inputs are upcast.")] = "float32",
-    max_batch_mb: Annotated[float, typer.Option(help="Memory budget for one batch of stacked same-shape matrices, in MiB.")] = 256.0,
+    dtype: Annotated[
+        str, typer.Option(help="Precision of the decomposition: float32 or float64. Half-precision inputs are upcast.")
+    ] = "float32",
+    max_batch_mb: Annotated[
+        float, typer.Option(help="Memory budget for one batch of stacked same-shape matrices, in MiB.")
+    ] = 256.0,
     top: Annotated[int, typer.Option(help="Rows in the summary table.", min=0)] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary (all rows, no singular values) on stdout instead of the table.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print a machine-readable summary (all rows, no singular values) on stdout instead of the table.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Singular-value spectrum of every weight matrix, or of every fine-tuning update with --base.
 
-    Audits every floating tensor with two or more dimensions (3-D tensors as stacked
-    experts, conv kernels as [out, in*kh*kw]) and reports norms, stable and effective
-    rank, energy ranks k90/k95/k99, the Gavish-Donoho signal rank and more.
+    Audits every floating tensor with two or more dimensions: 3-D tensors as stacked experts, convolution kernels flattened to out x (in*kh*kw). Reports norms, stable and effective rank, energy ranks k90/k95/k99, the Gavish-Donoho signal rank and more; --out writes them all, with the singular values, to Parquet.
 
     Example: lowrank-audit spectrum finetuned.safetensors --base base.safetensors --out r.parquet
     """
@@ -212,7 +243,9 @@ def _render(frame: pd.DataFrame, top: int, elapsed: float, out: Path | None) -> 
         out_console.print(_summary_table(frame, top))
     bad = frame[frame["nonfinite"] > 0]
     for row in bad.to_dict("records"):
-        out_console.print(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf entries; not decomposed", soft_wrap=True)
+        out_console.print(
+            f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf entries; not decomposed", soft_wrap=True
+        )
     tensors = frame["name"].nunique()
     line = f"Audited {len(frame)} matrices from {tensors} tensors on {meta['device']} in {elapsed:.2f} s"
     line += f"; {len(meta['skipped'])} tensors skipped (not matrices)" if meta["skipped"] else ""

@@ -136,4 +136,13 @@ def read_report(path: str | Path) -> pd.DataFrame:
     return _to_frame(table.cast(SCHEMA), json.loads(raw))
 
 
-__all__ = ["COLUMNS", "METADATA_KEY", "SCHEMA", "build_frame", "check_output_path", "file_digest", "read_report", "write_report"]
+__all__ = [
+    "COLUMNS",
+    "METADATA_KEY",
+    "SCHEMA",
+    "build_frame",
+    "check_output_path",
+    "file_digest",
+    "read_report",
+    "write_report",
+]

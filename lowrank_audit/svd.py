@@ -33,7 +33,9 @@ class EngineConfig:
     max_batch_bytes: int
 
     @classmethod
-    def create(cls, *, device: str = "auto", dtype: str = "float32", max_batch_mb: float = DEFAULT_MAX_BATCH_MB) -> EngineConfig:
+    def create(
+        cls, *, device: str = "auto", dtype: str = "float32", max_batch_mb: float = DEFAULT_MAX_BATCH_MB
+    ) -> EngineConfig:
         """Validate options as a user spells them.
 
         Raises:
@@ -87,7 +89,9 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= count:
-            raise OptionError(f"device {device!r} is not available: this machine has {count} CUDA device(s); use --device cpu")
+            raise OptionError(
+                f"device {device!r} is not available: this machine has {count} CUDA device(s); use --device cpu"
+            )
     elif dev.type != "cpu":
         raise OptionError(f"device must be auto, cpu or cuda[:N] but got {device!r}")
     return dev
@@ -100,6 +104,7 @@ def plan_batches(specs: Sequence[MatrixSpec], *, itemsize: int, max_batch_bytes:
     the plan is deterministic. A spec larger than the budget on its own (a big 3-D
     expert tensor) forms a batch of its own.
     """
+
     def shape(spec: MatrixSpec) -> tuple[int, int]:
         return spec.rows, spec.cols
 

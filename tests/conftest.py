@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,16 @@ def low_rank_plus_noise(rows: int, cols: int, rank: int, noise: float, seed: int
     v, _ = torch.linalg.qr(torch.randn(cols, rank, generator=gen, dtype=torch.float64))
     s = 10.0 * 0.5 ** torch.arange(rank, dtype=torch.float64)
     return u @ torch.diag(s) @ v.T + noise * torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+
+
+class RunsCode:
+    """A pickle payload that creates a folder when unpickled without ``weights_only``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
 
 
 @pytest.fixture(scope="session")

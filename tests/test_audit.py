@@ -65,7 +65,9 @@ def test_sample_facts_in_readme_hold(samples, delta_report):
     """sample_checkpoints/README.md: the fine-tuning update is low-rank-dominated, the weights are not."""
     weights = lowrank_audit.spectrum(samples / "finetuned.safetensors", device="cpu").set_index("name")
     delta = delta_report.set_index("name")
-    mlp_and_vocab = [n for n in delta.index if any(r in n for r in ("_proj", "embed", "lm_head")) and "self_attn" not in n]
+    mlp_and_vocab = [
+        n for n in delta.index if any(r in n for r in ("_proj", "embed", "lm_head")) and "self_attn" not in n
+    ]
     assert len(mlp_and_vocab) == 8
     for name in mlp_and_vocab:
         assert delta.at[name, "k95"] <= 16 and weights.at[name, "k95"] >= 39, name
@@ -74,7 +76,9 @@ def test_sample_facts_in_readme_hold(samples, delta_report):
 
 
 def test_synthetic_known_answers(samples):
-    frame = lowrank_audit.spectrum(samples / "synthetic.safetensors", device="cpu").set_index(["name", "expert"], drop=False)
+    frame = lowrank_audit.spectrum(samples / "synthetic.safetensors", device="cpu").set_index(
+        ["name", "expert"], drop=False
+    )
     for name in ("exact_rank4.weight", "noisy_rank4.weight"):
         row = frame[frame["name"] == name].iloc[0]
         assert (row["k90"], row["k95"], row["k99"], row["signal_rank"]) == (2, 3, 4, 4), name
@@ -110,15 +114,21 @@ def test_unpaired_names_warn(samples, tmp_path):
     tensors = load_file(samples / "base.safetensors")
     del tensors["lm_head.weight"]
     save_file(tensors, tmp_path / "base-minus-head.safetensors")
-    with pytest.warns(UnpairedTensorsWarning, match=r"1 tensors not paired with base, skipped: lm_head.weight \(only in fine-tune\)"):
-        frame = lowrank_audit.spectrum(samples / "finetuned.safetensors", base=tmp_path / "base-minus-head.safetensors", device="cpu")
+    with pytest.warns(
+        UnpairedTensorsWarning, match=r"1 tensors not paired with base, skipped: lm_head.weight \(only in fine-tune\)"
+    ):
+        frame = lowrank_audit.spectrum(
+            samples / "finetuned.safetensors", base=tmp_path / "base-minus-head.safetensors", device="cpu"
+        )
     assert len(frame) == 15 and frame.attrs["lowrank_audit"]["unpaired"] == {"lm_head.weight": "only in fine-tune"}
 
 
 def test_same_input_same_report_bytes(samples, tmp_path):
     paths = []
     for i in range(2):
-        frame = lowrank_audit.spectrum(samples / "finetuned.safetensors", base=samples / "base.safetensors", device="cpu")
+        frame = lowrank_audit.spectrum(
+            samples / "finetuned.safetensors", base=samples / "base.safetensors", device="cpu"
+        )
         frame.attrs["lowrank_audit"]["created"] = "fixed"  # the only field allowed to differ
         paths.append(write_report(frame, tmp_path / f"r{i}.parquet"))
     assert paths[0].read_bytes() == paths[1].read_bytes()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 
@@ -14,8 +13,14 @@ from safetensors.torch import load_file, save_file
 
 from lowrank_audit.checkpoint import open_checkpoint
 from lowrank_audit.errors import CheckpointError
+from tests.conftest import RunsCode
 
-FORMATS = ["finetuned.safetensors", "finetuned-sharded", "finetuned.bin", "finetuned-sharded/model.safetensors.index.json"]
+FORMATS = [
+    "finetuned.safetensors",
+    "finetuned-sharded",
+    "finetuned.bin",
+    "finetuned-sharded/model.safetensors.index.json",
+]
 
 
 @pytest.mark.parametrize("source", FORMATS)
@@ -32,7 +37,11 @@ def test_every_format_reads_the_same_tensors(samples, source):
 def test_sharded_folder_lists_index_and_shards_for_provenance(samples):
     with open_checkpoint(samples / "base-sharded") as ckpt:
         names = [f.name for f in ckpt.files]
-    assert names == ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert names == [
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
 
 
 def test_npz_and_bf16_and_nested_state_dicts(samples, tmp_path):
@@ -61,20 +70,10 @@ def test_hf_folder_with_bin_index(samples, tmp_path):
         assert list(ckpt) == names and torch.equal(ckpt["lm_head.weight"], tensors["lm_head.weight"])
 
 
-class _RunsCode:
-    """A pickle payload that would create a file when unpickled without weights_only."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
-
-
 def test_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
-    torch.save({"w": torch.ones(2, 2), "payload": _RunsCode(str(marker))}, path)
+    torch.save({"w": torch.ones(2, 2), "payload": RunsCode(str(marker))}, path)
     with pytest.raises(CheckpointError, match=r"evil\.bin: cannot read \.bin checkpoint"):
         open_checkpoint(path)
     assert not marker.exists()

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lowrank_audit.cli import app
+from tests.conftest import RunsCode
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -56,7 +55,9 @@ def test_json_summary_is_machine_readable(samples):
 
 
 def test_include_exclude_and_top(samples):
-    result = invoke("spectrum", samples / "base.safetensors", "-i", "*mlp*", "-x", "*down_proj*", "--top", "2", "--json")
+    result = invoke(
+        "spectrum", samples / "base.safetensors", "-i", "*mlp*", "-x", "*down_proj*", "--top", "2", "--json"
+    )
     assert {r["role"] for r in json.loads(result.stdout)["rows"]} == {"gate_proj", "up_proj"}
     table = invoke("spectrum", samples / "base.safetensors", "--top", "2")
     assert "(2 of 16, by k95%)" in table.stdout
@@ -74,17 +75,9 @@ def test_truncated_and_garbled(samples, tmp_path):
     assert not (tmp_path / "r.parquet").exists()
 
 
-class _RunsCode:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
-
-
 def test_pickle_that_would_run_code(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"w": torch.ones(4, 4), "x": _RunsCode(str(marker))}, tmp_path / "evil.pt")
+    torch.save({"w": torch.ones(4, 4), "x": RunsCode(str(marker))}, tmp_path / "evil.pt")
     assert_one_line_error(invoke("spectrum", tmp_path / "evil.pt", "--out", tmp_path / "r.parquet"), "evil.pt")
     assert not marker.exists() and not (tmp_path / "r.parquet").exists()
 
@@ -94,7 +87,9 @@ def test_base_with_different_shape(samples, tmp_path):
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 128)
     save_file(tensors, tmp_path / "other.safetensors")
     out = tmp_path / "r.parquet"
-    result = invoke("spectrum", samples / "finetuned.safetensors", "--base", tmp_path / "other.safetensors", "--out", out)
+    result = invoke(
+        "spectrum", samples / "finetuned.safetensors", "--base", tmp_path / "other.safetensors", "--out", out
+    )
     assert_one_line_error(result, "model.layers.1.mlp.up_proj.weight", "[128, 64]", "[64, 128]", "other.safetensors")
     assert not out.exists()
 
@@ -108,7 +103,9 @@ def test_output_equal_to_input_is_refused(samples, tmp_path):
 
 
 def test_bad_options(samples):
-    assert_one_line_error(invoke("spectrum", samples / "base.safetensors", "--dtype", "float16"), "dtype must be one of")
+    assert_one_line_error(
+        invoke("spectrum", samples / "base.safetensors", "--dtype", "float16"), "dtype must be one of"
+    )
     assert_one_line_error(invoke("spectrum", samples / "base.safetensors", "--device", "tpu"), "device must be")
     assert_one_line_error(invoke("spectrum", samples / "base.safetensors", "-i", "*zzz*"), "no matrix to audit")
     assert invoke("spectrum").exit_code == 2  # usage error from the parser
@@ -124,8 +121,14 @@ def test_unpaired_tensors_warn_but_succeed(samples, tmp_path):
 
 
 def test_help_and_version_do_not_import_torch():
-    code = "import sys; from lowrank_audit.cli import main; sys.argv=['lowrank-audit','{}']\n" \
-           "try: main()\nexcept SystemExit: pass\nassert 'torch' not in sys.modules and 'pandas' not in sys.modules, 'heavy import'"  # fmt: skip
+    code = "\n".join([
+        "import sys",
+        "from lowrank_audit.cli import main",
+        "sys.argv = ['lowrank-audit', '{}']",
+        "try: main()",
+        "except SystemExit: pass",
+        "assert 'torch' not in sys.modules and 'pandas' not in sys.modules, 'heavy import'",
+    ])  # fmt: skip
     for flag in ("--help", "--version"):
         proc = subprocess.run([sys.executable, "-c", code.format(flag)], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr

@@ -23,6 +23,10 @@ def test_energy_rank_definition_on_known_spectrum():
     assert metrics.energy_rank(s, energy, 0.99) == 4
     assert metrics.energy_rank(s, energy, 64 / 85) == 1  # exactly at the threshold counts
     assert metrics.energy_rank(s, energy, 1.0) == 4
+    # Full energy is full rank even when the total was summed in another order.
+    s = np.random.default_rng(0).random(1000)
+    for total in (float(np.sum(s**2)), float(np.cumsum(s**2)[-1]), float(np.linalg.norm(s) ** 2)):
+        assert metrics.energy_rank(s, total, 1.0) == 1000
 
 
 def test_energy_rank_edge_cases():

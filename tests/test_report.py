@@ -32,7 +32,8 @@ def test_schema_is_pinned():
 def _row(**over):
     row = {name: None for name, _, _ in COLUMNS}
     row.update(name="a.weight", module="a", role="a", kind="weight", shape=[3, 2], rows=3, cols=2, dtype="float32",
-               numel=6, nonfinite=0, method="exact", k=2, singular_values=[2.0, 1.0], k95=2, condition_number=float("inf"))  # fmt: skip
+               numel=6, nonfinite=0, method="exact", k=2, singular_values=[2.0, 1.0], k95=2,
+               condition_number=float("inf"))  # fmt: skip
     row.update(over)
     return row
 

@@ -20,7 +20,9 @@ FILES = [
 @pytest.fixture(scope="module")
 def regenerated(samples, tmp_path_factory):
     out = tmp_path_factory.mktemp("samples")
-    subprocess.run([sys.executable, str(samples / "make_samples.py"), "--out", str(out)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(samples / "make_samples.py"), "--out", str(out)], check=True, capture_output=True
+    )
     return out
 
 

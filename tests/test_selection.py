@@ -62,7 +62,10 @@ def test_include_exclude_globs(samples):
 
 
 def test_pairing_with_base(samples, tmp_path):
-    with open_checkpoint(samples / "finetuned.safetensors") as ft, open_checkpoint(samples / "base.safetensors") as base:
+    with (
+        open_checkpoint(samples / "finetuned.safetensors") as ft,
+        open_checkpoint(samples / "base.safetensors") as base,
+    ):
         sel = select_matrices(ft, base=base)
         assert len(sel.specs) == 16 and all(s.kind == "delta" for s in sel.specs) and not sel.unpaired
         spec = next(s for s in sel.specs if s.name == "lm_head.weight")
@@ -77,12 +80,19 @@ def test_missing_names_are_reported_and_shapes_must_match(samples, tmp_path):
     extra = dict(tensors, **{"extra.weight": torch.ones(4, 4)})
     del extra["lm_head.weight"]
     save_file(extra, tmp_path / "other.safetensors")
-    with open_checkpoint(samples / "finetuned.safetensors") as ft, open_checkpoint(tmp_path / "other.safetensors") as base:
+    with (
+        open_checkpoint(samples / "finetuned.safetensors") as ft,
+        open_checkpoint(tmp_path / "other.safetensors") as base,
+    ):
         sel = select_matrices(ft, base=base)
         assert sel.unpaired == {"extra.weight": "only in base", "lm_head.weight": "only in fine-tune"}
         assert "lm_head.weight" not in {s.name for s in sel.specs} and len(sel.specs) == 15
     bad = dict(tensors, **{"lm_head.weight": torch.zeros(64, 96)})
     save_file(bad, tmp_path / "bad.safetensors")
-    with open_checkpoint(samples / "finetuned.safetensors") as ft, open_checkpoint(tmp_path / "bad.safetensors") as base:
-        with pytest.raises(ShapeMismatchError, match=r"'lm_head.weight' has shape \[96, 64\] in .*finetuned.safetensors but \[64, 96\] in base .*bad.safetensors"):
-            select_matrices(ft, base=base)
+    want = r"'lm_head.weight' has shape \[96, 64\] in .*finetuned.safetensors but \[64, 96\] in base .*bad.safetensors"
+    with (
+        open_checkpoint(samples / "finetuned.safetensors") as ft,
+        open_checkpoint(tmp_path / "bad.safetensors") as base,
+        pytest.raises(ShapeMismatchError, match=want),
+    ):
+        select_matrices(ft, base=base)

@@ -54,7 +54,9 @@ def test_negative_controls_show_the_tolerances_have_teeth():
     ref = reference_singular_values(w)
     # Decomposing in bfloat16 precision (rounding the input) must fail the float32 tolerance...
     with pytest.raises(AssertionError, match="s_1"):
-        assert_singular_values_close(singular_values(w.bfloat16().float()[None])[0].double().numpy(), ref, torch.float32)
+        assert_singular_values_close(
+            singular_values(w.bfloat16().float()[None])[0].double().numpy(), ref, torch.float32
+        )
     # ... and a float32 decomposition must fail the float64 tolerance.
     with pytest.raises(AssertionError, match="s_1"):
         assert_singular_values_close(singular_values(w.float()[None])[0].double().numpy(), ref, torch.float64)
