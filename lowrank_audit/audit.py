@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from lowrank_audit import __version__
 from lowrank_audit.checkpoint import Checkpoint, open_checkpoint
 from lowrank_audit.errors import UnpairedTensorsWarning
 from lowrank_audit.metrics import matrix_metrics
@@ -114,7 +115,7 @@ def spectrum(
         rows = sorted((_row(r, config.eps) for r in results), key=lambda r: (r["name"], r["expert"] or 0))
         inputs = {"checkpoint": _inputs(ckpt)} | ({"base": _inputs(base_ckpt)} if base_ckpt is not None else {})
     metadata = {
-        "tool_version": _version(),
+        "tool_version": __version__,
         "command": command or f"lowrank_audit.spectrum({str(path)!r}, base={str(base) if base else None!r})",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": inputs,
@@ -125,12 +126,6 @@ def spectrum(
         "unpaired": selection.unpaired,
     }
     return build_frame(rows, metadata)
-
-
-def _version() -> str:
-    from lowrank_audit import __version__
-
-    return __version__
 
 
 __all__ = ["spectrum"]
