@@ -36,12 +36,12 @@ def _row(result: MatrixResult, eps: float) -> dict[str, Any]:
         "dtype": spec.dtype,
         "numel": spec.rows * spec.cols,
         "nonfinite": result.nonfinite,
-        "method": result.method if s is not None else "skipped",
+        "method": result.method,
         "k": len(s) if s is not None else 0,
         "singular_values": s.tolist() if s is not None else None,
     }
     if s is not None:
-        row |= matrix_metrics(s, spec.rows, spec.cols, eps=eps)
+        row |= matrix_metrics(s, spec.rows, spec.cols, eps=eps, energy=result.energy)
     return row
 
 
@@ -64,6 +64,9 @@ def spectrum(
     device: str = "auto",
     dtype: str = "float32",
     max_batch_mb: float = DEFAULT_MAX_BATCH_MB,
+    method: str = "auto",
+    rank_cap: int | None = None,
+    seed: int = 0,
     command: str | None = None,
     progress: Callable[[Progress], None] | None = None,
 ) -> pd.DataFrame:
@@ -78,6 +81,12 @@ def spectrum(
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         dtype: ``float32`` or ``float64``: the dtype of the decomposition.
         max_batch_mb: Budget for one batch of stacked same-shape matrices.
+        method: ``exact``, ``randomized`` (top of the spectrum only, grown until it holds
+            99 % of each matrix's energy), or ``auto`` (exact when the smaller side is at
+            most 1024). Figures that need the whole spectrum are null on truncated rows.
+        rank_cap: With ``randomized``/``auto``, compute at most this many singular values
+            per matrix (energy ranks above it are then null).
+        seed: Seed of the randomized method; the same seed gives the same report.
         command: Command line recorded in the report's provenance.
         progress: Called with cumulative :class:`Progress` after each batch.
 
@@ -98,7 +107,9 @@ def spectrum(
         >>> df = spectrum("sample_checkpoints/finetuned.safetensors", base="sample_checkpoints/base.safetensors")
         >>> df.loc[df.role == "down_proj", ["name", "k95"]]  # doctest: +SKIP
     """
-    config = EngineConfig.create(device=device, dtype=dtype, max_batch_mb=max_batch_mb)
+    config = EngineConfig.create(
+        device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, rank_cap=rank_cap, seed=seed
+    )
     with ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(path))
         base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
@@ -121,7 +132,15 @@ def spectrum(
         "inputs": inputs,
         "device": _device_name(config.device),
         "torch_version": torch.__version__,
-        "options": {"dtype": dtype, "max_batch_mb": max_batch_mb, "include": list(include), "exclude": list(exclude)},
+        "options": {
+            "dtype": dtype,
+            "max_batch_mb": max_batch_mb,
+            "method": method,
+            "rank_cap": rank_cap,
+            "seed": seed,
+            "include": list(include),
+            "exclude": list(exclude),
+        },
         "skipped": selection.skipped,
         "unpaired": selection.unpaired,
     }

@@ -199,6 +199,17 @@ def spectrum(
     max_batch_mb: Annotated[
         float, typer.Option(help="Memory budget for one batch of stacked same-shape matrices, in MiB.")
     ] = 256.0,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="exact: full SVD. randomized: top singular values only (Halko et al.), grown until they hold 99 % of the energy. auto: exact when min(rows, cols) <= 1024, randomized above. Truncated rows leave whole-spectrum figures empty."
+        ),
+    ] = "auto",
+    rank_cap: Annotated[
+        int | None,
+        typer.Option(help="With randomized/auto: compute at most this many singular values per matrix.", min=1),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the randomized method: the same seed gives the same report.")] = 0,
     top: Annotated[int, typer.Option(help="Rows in the summary table.", min=0)] = 20,
     as_json: Annotated[
         bool,
@@ -226,7 +237,8 @@ def spectrum(
         with _progress_bar(not quiet and err_console.is_terminal) as progress:
             frame = run_spectrum(
                 checkpoint, base, include=include or (), exclude=exclude or (), device=device, dtype=dtype,
-                max_batch_mb=max_batch_mb, command=command, progress=progress,
+                max_batch_mb=max_batch_mb, method=method, rank_cap=rank_cap, seed=seed, command=command,
+                progress=progress,
             )  # fmt: skip
         elapsed = time.perf_counter() - started
         if out is not None:

@@ -136,7 +136,7 @@ def matrix_metrics(s: np.ndarray, rows: int, cols: int, *, eps: float, energy: f
     """
     s = np.asarray(s, dtype=np.float64)
     complete = len(s) == min(rows, cols)
-    if complete:
+    if complete:  # the singular values' own sum, so that energy ranks reach 1.0 exactly
         energy = float(np.cumsum(np.square(s))[-1]) if len(s) else 0.0  # the same sum energy_rank sees
     elif energy is None:
         raise ValueError("energy (the squared Frobenius norm) is required for a truncated spectrum")

@@ -48,8 +48,8 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("signal_rank", pa.int64(), "singular values above the Gavish-Donoho optimal hard threshold"),
     ("condition_number", pa.float64(), "s1 / s_min (inf when s_min is 0)"),
     ("nonfinite", pa.int64(), "NaN or Inf entries; such matrices are not decomposed"),
-    ("method", pa.string(), "exact, or skipped (non-finite entries)"),
-    ("k", pa.int64(), "number of singular values computed"),
+    ("method", pa.string(), "exact, randomized (top k only), or skipped (non-finite entries)"),
+    ("k", pa.int64(), "number of singular values computed (min(rows, cols) when exact)"),
     ("singular_values", pa.list_(pa.float64()), "the computed singular values, descending"),
 )
 SCHEMA = pa.schema([(name, dtype) for name, dtype, _ in COLUMNS])

@@ -1,14 +1,21 @@
 """The engine: same-shape matrices are stacked into memory-bounded batches and decomposed
-in one batched call on the chosen device.
+in one batched call on the chosen device, exactly or by randomized truncated SVD.
 
 Data flows one way: specs from :mod:`lowrank_audit.selection` are planned into batches
-(:func:`plan_batches`), each batch is read, checked for non-finite entries, decomposed
-(:func:`singular_values`) and released before the next is read, and one
-:class:`MatrixResult` per matrix is yielded. Only singular values leave the engine.
+(:func:`plan_batches`), each batch is read, its squared Frobenius norms taken (which also
+finds non-finite entries), decomposed and released before the next is read, and one
+:class:`MatrixResult` per matrix is yielded.
+
+Methods: ``exact`` is LAPACK/cuSOLVER ``svdvals``. ``randomized`` is Halko, Martinsson &
+Tropp (SIAM Review 53(2), 2011), Algorithm 4.4 with re-orthonormalized power iterations;
+for energy ranks it grows k (32, 64, ...) until the top-k values hold the largest energy
+target of every matrix, and decomposes exactly once k would pass a quarter of min(m, n).
+``auto`` is exact for matrices whose smaller side is at most 1024, randomized above.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import groupby
@@ -18,10 +25,24 @@ import torch
 
 from lowrank_audit.checkpoint import Checkpoint
 from lowrank_audit.errors import OptionError
+from lowrank_audit.metrics import ENERGY_TARGETS
 from lowrank_audit.selection import MatrixSpec, read_matrices
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+METHODS = ("auto", "exact", "randomized")
 DEFAULT_MAX_BATCH_MB = 256.0
+# Halko et al. 2011, section 4.2: oversampling p = 10 makes the top-k subspace reliable.
+OVERSAMPLE = 10
+# Section 4.5: q = 1 or 2 power iterations for slowly decaying spectra; tests/test_randomized.py
+# shows q = 2 meets the float32 tolerance on decaying spectra and q = 0 does not.
+POWER_ITERATIONS = 2
+START_RANK = 32
+# Randomized SVD costs about (2q + 2) passes of 2mnk flops; past k = min(m, n) / 4 its
+# rounds of doubling cost more than one exact decomposition (benchmarks/README.md).
+EXACT_FRACTION = 0.25
+# auto: below this smaller side an exact decomposition takes under a second on 2 CPU
+# cores (1024 x 1024: about 0.4 s), so truncation is not worth its nulls.
+AUTO_EXACT_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -31,22 +52,38 @@ class EngineConfig:
     device: torch.device
     dtype: torch.dtype
     max_batch_bytes: int
+    method: str = "exact"
+    rank_cap: int | None = None
+    seed: int = 0
 
     @classmethod
     def create(
-        cls, *, device: str = "auto", dtype: str = "float32", max_batch_mb: float = DEFAULT_MAX_BATCH_MB
+        cls,
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        max_batch_mb: float = DEFAULT_MAX_BATCH_MB,
+        method: str = "auto",
+        rank_cap: int | None = None,
+        seed: int = 0,
     ) -> EngineConfig:
         """Validate options as a user spells them.
 
         Raises:
-            OptionError: Unknown dtype, a CUDA device that is not present, or a
-                non-positive batch budget.
+            OptionError: Unknown dtype or method, a CUDA device that is not present, a
+                non-positive batch budget or rank cap, or a rank cap with ``exact``.
         """
         if dtype not in DTYPES:
             raise OptionError(f"dtype must be one of {', '.join(DTYPES)} but got {dtype!r}")
+        if method not in METHODS:
+            raise OptionError(f"method must be one of {', '.join(METHODS)} but got {method!r}")
         if not max_batch_mb > 0:
             raise OptionError(f"max-batch-mb must be positive but got {max_batch_mb}")
-        return cls(resolve_device(device), DTYPES[dtype], int(max_batch_mb * 2**20))
+        if rank_cap is not None and rank_cap < 1:
+            raise OptionError(f"rank-cap must be a positive integer but got {rank_cap}")
+        if rank_cap is not None and method == "exact":
+            raise OptionError("rank-cap limits the randomized method; use --method auto or randomized with it")
+        return cls(resolve_device(device), DTYPES[dtype], int(max_batch_mb * 2**20), method, rank_cap, seed)
 
     @property
     def eps(self) -> float:
@@ -60,8 +97,9 @@ class MatrixResult:
     spec: MatrixSpec
     index: int | None
     singular_values: np.ndarray | None  # (k,) float64, descending; None if not decomposed
+    energy: float  # ||W||_F^2 in float64 (NaN when non-finite)
     nonfinite: int
-    method: str
+    method: str  # exact, randomized, or skipped
 
 
 @dataclass(frozen=True)
@@ -130,15 +168,105 @@ def singular_values(batch: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(batch.mT if batch.shape[-2] < batch.shape[-1] else batch)
 
 
-def count_nonfinite(batch: torch.Tensor) -> list[int]:
-    """NaN and Inf entries of each matrix of a ``(b, m, n)`` stack."""
-    # A finite sum proves every entry finite (NaN and Inf propagate) at the cost of one
-    # read; only a matrix whose sum is not finite (or overflowed) is counted entry by entry.
-    sums = batch.sum(dim=(1, 2))
-    counts = [0] * len(batch)
-    for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
-        counts[i] = int((~torch.isfinite(batch[i])).sum())
-    return counts
+def squared_norms(batch: torch.Tensor) -> tuple[list[float], list[int]]:
+    """``||W||_F^2`` (accumulated in float64) and the NaN/Inf count of each matrix of a stack.
+
+    A finite sum of squares proves every entry finite, so only a matrix whose sum is not
+    finite is counted entry by entry. One matrix at a time bounds the float64 copy.
+    """
+    energies = [float(torch.linalg.vector_norm(m, dtype=torch.float64) ** 2) for m in batch]
+    counts = [0 if np.isfinite(e) else int((~torch.isfinite(m)).sum()) for e, m in zip(energies, batch, strict=True)]
+    return energies, counts
+
+
+def truncated_svd(
+    batch: torch.Tensor,
+    rank: int,
+    *,
+    seeds: Sequence[int],
+    oversample: int = OVERSAMPLE,
+    power_iterations: int = POWER_ITERATIONS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized top-``rank`` SVD of a ``(b, m, n)`` stack (Halko et al. 2011, Alg. 4.4).
+
+    Args:
+        batch: Matrices of shape (b, m, n), float32 or float64, on any device.
+        rank: Number of singular triplets wanted, k.
+        seeds: One seed per matrix: each matrix's Gaussian test matrix depends only on
+            its seed, so results do not depend on how matrices are batched, and are drawn
+            on the CPU so CPU and CUDA runs use the same one.
+        oversample: Extra columns p of the sketch.
+        power_iterations: Passes q of ``(W W^T)``, each re-orthonormalized by QR.
+
+    Returns:
+        ``U`` (b, m, k), ``S`` (b, k) descending, ``Vh`` (b, k, n), with k = min(rank, m, n).
+    """
+    b, m, n = batch.shape
+    width = min(rank + oversample, m, n)
+    omega = torch.stack(
+        [torch.randn(n, width, generator=torch.Generator().manual_seed(s), dtype=batch.dtype) for s in seeds]
+    ).to(batch.device)  # (b, n, width)
+    q = torch.linalg.qr(batch @ omega).Q  # (b, m, width)
+    for _ in range(power_iterations):
+        q = torch.linalg.qr(batch @ torch.linalg.qr(batch.mT @ q).Q).Q
+    u_small, s, vh = torch.linalg.svd(q.mT @ batch, full_matrices=False)  # (b, width, width), (b, width), (b, width, n)
+    k = min(rank, width)
+    return (q @ u_small)[..., :k], s[..., :k], vh[..., :k, :]
+
+
+def adaptive_singular_values(
+    batch: torch.Tensor,
+    energies: Sequence[float],
+    target: float,
+    *,
+    seeds: Sequence[int],
+    rank_cap: int | None = None,
+) -> list[tuple[torch.Tensor, str]]:
+    """Top singular values of each matrix, enough to hold ``target`` of its energy.
+
+    k starts at 32 and doubles for the matrices not yet there. Once k would pass a quarter
+    of min(m, n) the rest are decomposed exactly, unless ``rank_cap`` is given: then k
+    stops at the cap and the top-``rank_cap`` values are returned whether or not they
+    reach the target.
+
+    Returns:
+        Per matrix, its singular values (descending) and the method that produced them.
+    """
+    side = min(batch.shape[-2:])
+    limit = min(rank_cap, side) if rank_cap is not None else int(EXACT_FRACTION * side)
+    out: list[tuple[torch.Tensor, str] | None] = [None] * len(batch)
+    pending = list(range(len(batch)))
+    k = min(START_RANK, limit)
+    while pending and 0 < k <= limit:
+        _, s, _ = truncated_svd(batch[pending], k, seeds=[seeds[i] for i in pending])
+        captured = (s.double() ** 2).sum(dim=-1).tolist()
+        last = k == limit
+        still = []
+        for row, i in enumerate(pending):
+            if captured[row] >= target * energies[i] or (last and rank_cap is not None):
+                out[i] = (s[row], "randomized")
+            else:
+                still.append(i)
+        pending, k = still, (min(2 * k, limit) if not last else limit + 1)
+    if pending:
+        for i, s in zip(pending, singular_values(batch[pending]), strict=True):
+            out[i] = (s, "exact")
+    return [o for o in out if o is not None]
+
+
+def _seed(seed: int, spec: MatrixSpec, index: int) -> int:
+    # Per-matrix seeds from the run's seed and the matrix's identity, stable across runs
+    # and batch plans (zlib.crc32 is deterministic, unlike hash()).
+    return (seed * 1_000_003 + zlib.crc32(f"{spec.name}[{index}]".encode())) % 2**63
+
+
+def _decompose(
+    batch: torch.Tensor, energies: list[float], seeds: list[int], config: EngineConfig
+) -> list[tuple[torch.Tensor, str]]:
+    side = min(batch.shape[-2:])
+    if config.method == "exact" or (config.method == "auto" and side <= AUTO_EXACT_SIDE and config.rank_cap is None):
+        return [(s, "exact") for s in singular_values(batch)]
+    return adaptive_singular_values(batch, energies, max(ENERGY_TARGETS), seeds=seeds, rank_cap=config.rank_cap)
 
 
 def _stored_bytes(spec: MatrixSpec, with_base: bool) -> int:
@@ -168,20 +296,20 @@ def spectra(
     done_matrices = done_bytes = 0
     for batch_specs in plan_batches(specs, itemsize=itemsize, max_batch_bytes=config.max_batch_bytes):
         stack = torch.cat([read_matrices(s, ckpt, base, config.dtype) for s in batch_specs])  # (b, m, n)
-        nonfinite = count_nonfinite(stack)
+        identities = [(spec, j) for spec in batch_specs for j in range(spec.count)]
+        energies, nonfinite = squared_norms(stack)
         finite = [i for i, n in enumerate(nonfinite) if n == 0]
-        values: dict[int, np.ndarray] = {}
+        values: dict[int, tuple[np.ndarray, str]] = {}
         if finite:
-            chosen = stack if len(finite) == len(stack) else stack[finite]
-            s = singular_values(chosen.to(config.device)).cpu().double().numpy()  # (b, min(m, n))
-            values = dict(zip(finite, s, strict=True))
+            chosen = (stack if len(finite) == len(stack) else stack[finite]).to(config.device)
+            seeds = [_seed(config.seed, *identities[i]) for i in finite]
+            decomposed = _decompose(chosen, [energies[i] for i in finite], seeds, config)
+            values = {i: (s.cpu().double().numpy(), method) for i, (s, method) in zip(finite, decomposed, strict=True)}
         del stack
-        row = 0
-        for spec in batch_specs:
-            for j in range(spec.count):
-                index = j if len(spec.shape) == 3 else None
-                yield MatrixResult(spec, index, values.get(row), int(nonfinite[row]), "exact")
-                row += 1
+        for row, (spec, j) in enumerate(identities):
+            s, method = values.get(row, (None, "skipped"))
+            index = j if len(spec.shape) == 3 else None
+            yield MatrixResult(spec, index, s, energies[row], nonfinite[row], method)
         done_matrices += sum(s.count for s in batch_specs)
         done_bytes += sum(_stored_bytes(s, base is not None) for s in batch_specs)
         if progress is not None:
@@ -193,7 +321,10 @@ __all__ = [
     "EngineConfig",
     "MatrixResult",
     "Progress",
-    "count_nonfinite",
+    "METHODS",
+    "adaptive_singular_values",
+    "squared_norms",
+    "truncated_svd",
     "plan_batches",
     "resolve_device",
     "singular_values",

@@ -145,3 +145,16 @@ def test_every_command_has_help_and_is_in_the_readme():
         name = command.name or command.callback.__name__
         assert invoke(name, "--help").exit_code == 0
         assert f"lowrank-audit {name}" in readme, name
+
+
+def test_method_options(samples):
+    result = invoke("spectrum", samples / "synthetic.safetensors", "--method", "randomized", "--rank-cap", "3", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {(r["name"], r["expert"]): r for r in json.loads(result.stdout)["rows"]}
+    exact4 = rows[("exact_rank4.weight", None)]
+    assert (exact4["method"], exact4["k"], exact4["k95"], exact4["k99"]) == ("randomized", 3, 3, None)
+    assert exact4["effective_rank"] is None  # needs the whole spectrum
+    assert_one_line_error(invoke("spectrum", samples / "base.safetensors", "--method", "svd"), "method must be one of")
+    assert_one_line_error(
+        invoke("spectrum", samples / "base.safetensors", "--method", "exact", "--rank-cap", "4"), "rank-cap"
+    )
