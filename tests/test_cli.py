@@ -148,7 +148,8 @@ def test_every_command_has_help_and_is_in_the_readme():
 
 
 def test_method_options(samples):
-    result = invoke("spectrum", samples / "synthetic.safetensors", "--method", "randomized", "--rank-cap", "3", "--json")
+    args = ("--method", "randomized", "--rank-cap", "3", "--json")
+    result = invoke("spectrum", samples / "synthetic.safetensors", *args)
     assert result.exit_code == 0, result.output
     rows = {(r["name"], r["expert"]): r for r in json.loads(result.stdout)["rows"]}
     exact4 = rows[("exact_rank4.weight", None)]
