@@ -97,8 +97,11 @@ class _Reader(ABC):
     @abstractmethod
     def read(self, name: str) -> torch.Tensor: ...
 
-    def close(self) -> None:  # noqa: B027 - optional hook, most readers need it
-        """Release the file; the default reader holds nothing open."""
+    def release(self) -> None:  # noqa: B027 - optional hook: readers without mappings hold nothing
+        """Drop open handles and memory maps; the next :meth:`read` opens the file again."""
+
+    def close(self) -> None:
+        self.release()
 
 
 class _SafetensorsReader(_Reader):
@@ -106,7 +109,8 @@ class _SafetensorsReader(_Reader):
         super().__init__(path)
         from safetensors import safe_open
 
-        self._file = safe_open(str(path), framework="pt")
+        self._open = lambda: safe_open(str(path), framework="pt")
+        self._file: Any = self._open()
         for name in self._file.keys():  # noqa: SIM118 - a safe_open handle, not a dict
             sl = self._file.get_slice(name)
             code = sl.get_dtype()
@@ -114,9 +118,13 @@ class _SafetensorsReader(_Reader):
             self.infos[name] = TensorInfo(name, tuple(sl.get_shape()), dtype, path)
 
     def read(self, name: str) -> torch.Tensor:
+        if self._file is None:
+            self._file = self._open()
         return self._file.get_tensor(name)
 
-    def close(self) -> None:
+    def release(self) -> None:
+        # safe_open memory-maps the whole file; every page a read touched stays resident
+        # until the map goes, so dropping the handle is what bounds memory per batch.
         self._file = None
 
 
@@ -133,26 +141,31 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, to
 class _TorchReader(_Reader):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        self._tensors: dict[str, torch.Tensor] | None = self._load()
+        for name, t in self._tensors.items():
+            self.infos[name] = TensorInfo(name, tuple(t.shape), _dtype_name(t.dtype, "?"), path)
+
+    def _load(self) -> dict[str, torch.Tensor]:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:
             if "mmap" not in str(exc):
                 raise
             # Files in the legacy (pre-1.6, non-zip) format cannot be memory-mapped.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(self.path, map_location="cpu", weights_only=True)
         if not isinstance(obj, Mapping):
             raise CheckpointError(
-                f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+                f"{self.path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
             )
-        self._tensors = dict(_flatten(obj))
-        for name, t in self._tensors.items():
-            self.infos[name] = TensorInfo(name, tuple(t.shape), _dtype_name(t.dtype, "?"), path)
+        return dict(_flatten(obj))
 
     def read(self, name: str) -> torch.Tensor:
+        if self._tensors is None:
+            self._tensors = self._load()
         return self._tensors[name]
 
-    def close(self) -> None:
-        self._tensors = {}
+    def release(self) -> None:
+        self._tensors = None  # the storages, and with them the memory map, go with the last reference
 
 
 class _NpzReader(_Reader):
@@ -169,6 +182,7 @@ class _NpzReader(_Reader):
             self.infos[name] = TensorInfo(name, tuple(shape), _dtype_name(dtype, dtype.str), path)
 
     def read(self, name: str) -> torch.Tensor:
+        # Each member is decompressed into fresh memory; nothing stays mapped.
         return torch.from_numpy(np.ascontiguousarray(self._npz[name]))
 
     def close(self) -> None:
@@ -247,6 +261,14 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._infos)
+
+    def release(self) -> None:
+        """Drop every memory map: pages read so far stop counting as resident memory.
+
+        Reading again reopens the files; the engine calls this after each batch.
+        """
+        for reader in self._readers:
+            reader.release()
 
     def close(self) -> None:
         for reader in self._readers:

@@ -306,6 +306,11 @@ def spectra(
             decomposed = _decompose(chosen, [energies[i] for i in finite], seeds, config)
             values = {i: (s.cpu().double().numpy(), method) for i, (s, method) in zip(finite, decomposed, strict=True)}
         del stack
+        # Pages of memory-mapped files read for this batch would otherwise stay resident
+        # until the end of the run: memory would grow with the checkpoint, not the batch.
+        ckpt.release()
+        if base is not None:
+            base.release()
         for row, (spec, j) in enumerate(identities):
             s, method = values.get(row, (None, "skipped"))
             index = j if len(spec.shape) == 3 else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,6 +29,12 @@ def test_schema_is_pinned():
     """Renaming, retyping or reordering a column breaks users' queries: change it here on purpose."""
     assert {name: str(dtype) for name, dtype, _ in COLUMNS} == PINNED
     assert [name for name, _, _ in COLUMNS] == list(PINNED)
+
+
+def test_readme_documents_every_column():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, dtype, meaning in COLUMNS:
+        assert f"| `{name}` | {dtype} | {meaning} |" in readme, name
 
 
 def _row(**over):
