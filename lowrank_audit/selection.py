@@ -155,16 +155,17 @@ def select_matrices(
     return Selection(tuple(specs), skipped, dict(sorted(unpaired.items())))
 
 
-def read_matrices(spec: MatrixSpec, ckpt: Checkpoint, base: Checkpoint | None, dtype: torch.dtype) -> torch.Tensor:
-    """The matrices of ``spec`` as a ``(count, rows, cols)`` tensor of ``dtype`` on the CPU.
+def read_matrices(spec: MatrixSpec, ckpt: Checkpoint, base: Checkpoint | None, out: torch.Tensor) -> torch.Tensor:
+    """Write the matrices of ``spec`` into ``out``, a ``(count, rows, cols)`` float tensor.
 
-    Half-precision and fp8 inputs are upcast before any arithmetic, so a delta is the
-    exact difference of the stored values (up to ``dtype`` rounding).
+    Half-precision and fp8 values are converted element by element as they are copied, so
+    a delta is the difference of the exactly upcast stored values (up to ``out.dtype``
+    rounding) and no full-size temporary is made.
     """
-    mats = ckpt[spec.name].to(dtype).reshape(spec.count, spec.rows, spec.cols)  # (count, rows, cols)
+    out.copy_(ckpt[spec.name].reshape(spec.count, spec.rows, spec.cols))
     if base is not None and spec.kind == "delta":
-        mats = mats - base[spec.name].to(dtype).reshape(spec.count, spec.rows, spec.cols)
-    return mats
+        out.sub_(base[spec.name].reshape(spec.count, spec.rows, spec.cols))
+    return out
 
 
 __all__ = ["MatrixSpec", "Selection", "matrix_view", "parse_name", "read_matrices", "select_matrices"]

@@ -295,8 +295,12 @@ def spectra(
     totals = (sum(s.count for s in specs), sum(_stored_bytes(s, base is not None) for s in specs))
     done_matrices = done_bytes = 0
     for batch_specs in plan_batches(specs, itemsize=itemsize, max_batch_bytes=config.max_batch_bytes):
-        stack = torch.cat([read_matrices(s, ckpt, base, config.dtype) for s in batch_specs])  # (b, m, n)
         identities = [(spec, j) for spec in batch_specs for j in range(spec.count)]
+        stack = torch.empty(len(identities), batch_specs[0].rows, batch_specs[0].cols, dtype=config.dtype)  # (b, m, n)
+        row = 0
+        for spec in batch_specs:
+            read_matrices(spec, ckpt, base, stack[row : row + spec.count])
+            row += spec.count
         energies, nonfinite = squared_norms(stack)
         finite = [i for i, n in enumerate(nonfinite) if n == 0]
         values: dict[int, tuple[np.ndarray, str]] = {}
