@@ -2,7 +2,7 @@
 
 Writes two synthetic fp16 checkpoints as sharded Hugging Face folders, about 2 GiB and
 4 GiB of 2048x2048 matrices, audits each in a fresh process and prints the process's peak
-resident set size (``ru_maxrss``, which counts pages of memory-mapped files too)::
+resident set size (``VmHWM``, which counts pages of memory-mapped files too)::
 
     python benchmarks/memory.py                    # --method randomized --rank-cap 8 (fast)
     python benchmarks/memory.py --method exact     # slower; the same memory bound
@@ -29,12 +29,23 @@ SHARD_TENSORS = 64  # 512 MiB of fp16 per shard
 
 CHILD = r"""
 import json, resource, sys, time
+
+
+def peak_mb():
+    # VmHWM belongs to this address space; ru_maxrss survives execve on Linux and would
+    # report the forking parent's peak when the parent was larger.
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 from lowrank_audit.audit import spectrum
 path, method, cap, budget = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 start = time.perf_counter()
 frame = spectrum(path, device="cpu", method=method, rank_cap=int(cap) if cap != "none" else None, max_batch_mb=budget)
 print(json.dumps({"seconds": time.perf_counter() - start, "matrices": len(frame),
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mb": peak_mb()}))
 """
 
 

@@ -26,6 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import json, resource, sys, time
+
+
+def peak_mb():
+    # VmHWM belongs to this address space; ru_maxrss survives execve on Linux and would
+    # report the forking parent's peak when the parent was larger.
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 import torch
 variant, path = sys.argv[1], sys.argv[2]
 if variant == "tool":
@@ -46,8 +57,7 @@ else:
                 s = torch.linalg.svdvals(t.float()).double().numpy()
                 count += 1
 elapsed = time.perf_counter() - start
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": elapsed, "peak_mb": peak_mb, "matrices": count}))
+print(json.dumps({"seconds": elapsed, "peak_mb": peak_mb(), "matrices": count}))
 """
 
 

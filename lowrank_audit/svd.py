@@ -238,7 +238,7 @@ def adaptive_singular_values(
     pending = list(range(len(batch)))
     k = min(START_RANK, limit)
     while pending and 0 < k <= limit:
-        _, s, _ = truncated_svd(batch[pending], k, seeds=[seeds[i] for i in pending])
+        _, s, _ = truncated_svd(_rows(batch, pending), k, seeds=[seeds[i] for i in pending])
         captured = (s.double() ** 2).sum(dim=-1).tolist()
         last = k == limit
         still = []
@@ -249,9 +249,14 @@ def adaptive_singular_values(
                 still.append(i)
         pending, k = still, (min(2 * k, limit) if not last else limit + 1)
     if pending:
-        for i, s in zip(pending, singular_values(batch[pending]), strict=True):
+        for i, s in zip(pending, singular_values(_rows(batch, pending)), strict=True):
             out[i] = (s, "exact")
     return [o for o in out if o is not None]
+
+
+def _rows(batch: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``batch[rows]`` without the copy that list indexing makes when every row is kept."""
+    return batch if rows == list(range(len(batch))) else batch[rows]
 
 
 def _seed(seed: int, spec: MatrixSpec, index: int) -> int:
@@ -261,12 +266,18 @@ def _seed(seed: int, spec: MatrixSpec, index: int) -> int:
 
 
 def _decompose(
-    batch: torch.Tensor, energies: list[float], seeds: list[int], config: EngineConfig
-) -> list[tuple[torch.Tensor, str]]:
+    stack: torch.Tensor, finite: list[int], energies: list[float], seeds: list[int], config: EngineConfig
+) -> dict[int, tuple[np.ndarray, str]]:
+    """Singular values (float64, on the CPU) and method of the finite matrices of a batch, by row."""
+    batch = _rows(stack, finite).to(config.device)
     side = min(batch.shape[-2:])
     if config.method == "exact" or (config.method == "auto" and side <= AUTO_EXACT_SIDE and config.rank_cap is None):
-        return [(s, "exact") for s in singular_values(batch)]
-    return adaptive_singular_values(batch, energies, max(ENERGY_TARGETS), seeds=seeds, rank_cap=config.rank_cap)
+        decomposed = [(s, "exact") for s in singular_values(batch)]
+    else:
+        decomposed = adaptive_singular_values(
+            batch, energies, max(ENERGY_TARGETS), seeds=seeds, rank_cap=config.rank_cap
+        )
+    return {i: (s.cpu().double().numpy(), method) for i, (s, method) in zip(finite, decomposed, strict=True)}
 
 
 def _stored_bytes(spec: MatrixSpec, with_base: bool) -> int:
@@ -303,13 +314,9 @@ def spectra(
             row += spec.count
         energies, nonfinite = squared_norms(stack)
         finite = [i for i, n in enumerate(nonfinite) if n == 0]
-        values: dict[int, tuple[np.ndarray, str]] = {}
-        if finite:
-            chosen = (stack if len(finite) == len(stack) else stack[finite]).to(config.device)
-            seeds = [_seed(config.seed, *identities[i]) for i in finite]
-            decomposed = _decompose(chosen, [energies[i] for i in finite], seeds, config)
-            values = {i: (s.cpu().double().numpy(), method) for i, (s, method) in zip(finite, decomposed, strict=True)}
-        del stack
+        seeds = [_seed(config.seed, *identities[i]) for i in finite]
+        values = _decompose(stack, finite, [energies[i] for i in finite], seeds, config) if finite else {}
+        del stack  # the only reference left: the next batch is read into freed memory
         # Pages of memory-mapped files read for this batch would otherwise stay resident
         # until the end of the run: memory would grow with the checkpoint, not the batch.
         ckpt.release()
