@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -83,7 +84,13 @@ class EngineConfig:
             raise OptionError(f"rank-cap must be a positive integer but got {rank_cap}")
         if rank_cap is not None and method == "exact":
             raise OptionError("rank-cap limits the randomized method; use --method auto or randomized with it")
-        return cls(resolve_device(device), DTYPES[dtype], int(max_batch_mb * 2**20), method, rank_cap, seed)
+        dev = resolve_device(device)
+        budget = int(max_batch_mb * 2**20)
+        if dev.type == "cuda":
+            # Batched SVD/QR workspaces on the device come to a few times the batch; a
+            # quarter of what is free leaves room for them (not yet measured on a GPU).
+            budget = min(budget, torch.cuda.mem_get_info(dev)[0] // 4)
+        return cls(dev, DTYPES[dtype], budget, method, rank_cap, seed)
 
     @property
     def eps(self) -> float:
@@ -269,7 +276,7 @@ def _decompose(
     stack: torch.Tensor, finite: list[int], energies: list[float], seeds: list[int], config: EngineConfig
 ) -> dict[int, tuple[np.ndarray, str]]:
     """Singular values (float64, on the CPU) and method of the finite matrices of a batch, by row."""
-    batch = _rows(stack, finite).to(config.device)
+    batch = _rows(stack, finite).to(config.device, non_blocking=True)  # pinned source on CUDA
     side = min(batch.shape[-2:])
     if config.method == "exact" or (config.method == "auto" and side <= AUTO_EXACT_SIDE and config.rank_cap is None):
         decomposed = [(s, "exact") for s in singular_values(batch)]
@@ -285,6 +292,35 @@ def _stored_bytes(spec: MatrixSpec, with_base: bool) -> int:
     return spec.numel * itemsize * (2 if with_base else 1)
 
 
+@dataclass
+class _Loaded:
+    """One batch read from disk: the stacked matrices and what was learned while reading."""
+
+    specs: list[MatrixSpec]
+    identities: list[tuple[MatrixSpec, int]]
+    stack: torch.Tensor | None  # (b, m, n); dropped once decomposed
+    energies: list[float]
+    nonfinite: list[int]
+
+
+def _load(batch_specs: list[MatrixSpec], ckpt: Checkpoint, base: Checkpoint | None, config: EngineConfig) -> _Loaded:
+    """Read a batch into one preallocated (pinned, for CUDA) buffer; runs on the prefetch thread."""
+    # The batch before this one is already copied out of the files: drop the memory maps
+    # so the pages read for it stop counting as resident memory.
+    ckpt.release()
+    if base is not None:
+        base.release()
+    identities = [(spec, j) for spec in batch_specs for j in range(spec.count)]
+    shape = (len(identities), batch_specs[0].rows, batch_specs[0].cols)
+    stack = torch.empty(shape, dtype=config.dtype, pin_memory=config.device.type == "cuda")  # (b, m, n)
+    row = 0
+    for spec in batch_specs:
+        read_matrices(spec, ckpt, base, stack[row : row + spec.count])
+        row += spec.count
+    energies, nonfinite = squared_norms(stack)
+    return _Loaded(batch_specs, identities, stack, energies, nonfinite)
+
+
 def spectra(
     specs: Sequence[MatrixSpec],
     ckpt: Checkpoint,
@@ -295,41 +331,40 @@ def spectra(
 ) -> Iterator[MatrixResult]:
     """Singular values of every matrix in ``specs``, batch by batch.
 
-    Matrices with NaN or Inf entries are counted and yielded without singular values;
-    they do not stop the run.
+    A background thread reads (and upcasts) the next batch while this one is decomposed.
+    With two batches in flight, each gets half of ``config.max_batch_bytes``, so the
+    budget holds for both together. Matrices with NaN or Inf entries are counted and
+    yielded without singular values; they do not stop the run.
 
     Yields:
         One :class:`MatrixResult` per matrix (per expert for 3-D tensors), grouped by
         batch; callers that need name order sort afterwards.
     """
     itemsize = torch.empty(0, dtype=config.dtype).element_size()
+    plan = plan_batches(specs, itemsize=itemsize, max_batch_bytes=config.max_batch_bytes // 2)
     totals = (sum(s.count for s in specs), sum(_stored_bytes(s, base is not None) for s in specs))
     done_matrices = done_bytes = 0
-    for batch_specs in plan_batches(specs, itemsize=itemsize, max_batch_bytes=config.max_batch_bytes):
-        identities = [(spec, j) for spec in batch_specs for j in range(spec.count)]
-        stack = torch.empty(len(identities), batch_specs[0].rows, batch_specs[0].cols, dtype=config.dtype)  # (b, m, n)
-        row = 0
-        for spec in batch_specs:
-            read_matrices(spec, ckpt, base, stack[row : row + spec.count])
-            row += spec.count
-        energies, nonfinite = squared_norms(stack)
-        finite = [i for i, n in enumerate(nonfinite) if n == 0]
-        seeds = [_seed(config.seed, *identities[i]) for i in finite]
-        values = _decompose(stack, finite, [energies[i] for i in finite], seeds, config) if finite else {}
-        del stack  # the only reference left: the next batch is read into freed memory
-        # Pages of memory-mapped files read for this batch would otherwise stay resident
-        # until the end of the run: memory would grow with the checkpoint, not the batch.
-        ckpt.release()
-        if base is not None:
-            base.release()
-        for row, (spec, j) in enumerate(identities):
-            s, method = values.get(row, (None, "skipped"))
-            index = j if len(spec.shape) == 3 else None
-            yield MatrixResult(spec, index, s, energies[row], nonfinite[row], method)
-        done_matrices += sum(s.count for s in batch_specs)
-        done_bytes += sum(_stored_bytes(s, base is not None) for s in batch_specs)
-        if progress is not None:
-            progress(Progress(done_matrices, totals[0], done_bytes, totals[1]))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowrank-audit-read") as reader:
+        pending = reader.submit(_load, plan[0], ckpt, base, config) if plan else None
+        for index in range(len(plan)):
+            batch = pending.result()
+            pending = reader.submit(_load, plan[index + 1], ckpt, base, config) if index + 1 < len(plan) else None
+            finite = [i for i, n in enumerate(batch.nonfinite) if n == 0]
+            seeds = [_seed(config.seed, *batch.identities[i]) for i in finite]
+            energies = [batch.energies[i] for i in finite]
+            values = _decompose(batch.stack, finite, energies, seeds, config) if finite else {}
+            batch.stack = None  # free it before the reader fills the batch after next
+            for row, (spec, j) in enumerate(batch.identities):
+                s, method = values.get(row, (None, "skipped"))
+                yield MatrixResult(spec, j if len(spec.shape) == 3 else None, s, batch.energies[row],
+                                   batch.nonfinite[row], method)  # fmt: skip
+            done_matrices += len(batch.identities)
+            done_bytes += sum(_stored_bytes(s, base is not None) for s in batch.specs)
+            if progress is not None:
+                progress(Progress(done_matrices, totals[0], done_bytes, totals[1]))
+    ckpt.release()
+    if base is not None:
+        base.release()
 
 
 __all__ = [

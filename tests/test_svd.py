@@ -138,3 +138,46 @@ def test_cuda_matches_reference(dtype):
     got = singular_values(batch.to(dtype).cuda()).cpu().double().numpy()
     for i in range(4):
         assert_singular_values_close(got[i], reference_singular_values(batch[i]), dtype)
+
+
+def test_two_batches_in_flight_stay_within_the_budget(tmp_path, monkeypatch):
+    import lowrank_audit.svd as svd
+
+    tensors = {f"layers.{i}.proj.weight": _random((64, 64), i).float() for i in range(12)}
+    path = _write(tmp_path / "m.safetensors", tensors)
+    budget_mb = 64 * 64 * 4 * 4 / 2**20  # four matrices' worth
+    sizes, threads = [], set()
+    original = svd._load
+
+    def spy(batch_specs, *args):
+        import threading
+
+        threads.add(threading.current_thread().name)
+        loaded = original(batch_specs, *args)
+        sizes.append(loaded.stack.numel() * loaded.stack.element_size())
+        return loaded
+
+    monkeypatch.setattr(svd, "_load", spy)
+    with open_checkpoint(path) as ckpt:
+        config = EngineConfig.create(device="cpu", max_batch_mb=budget_mb)
+        results = list(spectra(select_matrices(ckpt).specs, ckpt, config=config))
+    assert len(results) == 12 and all(r.singular_values is not None for r in results)
+    # Two batches (the one decomposed, the one prefetched) fit the budget together.
+    assert max(sizes) * 2 <= budget_mb * 2**20 and len(sizes) == 6
+    assert all(name.startswith("lowrank-audit-read") for name in threads)
+
+
+def test_read_errors_on_the_prefetch_thread_reach_the_caller(tmp_path, monkeypatch):
+    from lowrank_audit.checkpoint import Checkpoint
+    from lowrank_audit.errors import CheckpointError
+
+    path = _write(tmp_path / "m.safetensors", {f"l.{i}.weight": _random((8, 8), i).float() for i in range(4)})
+
+    def broken(self, name):
+        raise CheckpointError(f"{path}: cannot read tensor {name!r}: disk gone")
+
+    with open_checkpoint(path) as ckpt:
+        specs = select_matrices(ckpt).specs
+        monkeypatch.setattr(Checkpoint, "__getitem__", broken)
+        with pytest.raises(CheckpointError, match="cannot read tensor 'l.0.weight': disk gone"):
+            list(spectra(specs, ckpt, config=EngineConfig.create(device="cpu")))
