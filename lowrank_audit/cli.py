@@ -258,6 +258,9 @@ def _render(frame: pd.DataFrame, top: int, elapsed: float, out: Path | None) -> 
         out_console.print(
             f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf entries; not decomposed", soft_wrap=True
         )
+    capped = int((frame["k95"].isna() & (frame["method"] == "randomized")).sum())
+    if capped:
+        out_console.print(f"{capped} matrices: 95 % of the energy not reached within --rank-cap; k95 left empty")
     tensors = frame["name"].nunique()
     line = f"Audited {len(frame)} matrices from {tensors} tensors on {meta['device']} in {elapsed:.2f} s"
     line += f"; {len(meta['skipped'])} tensors skipped (not matrices)" if meta["skipped"] else ""

@@ -155,6 +155,8 @@ def test_method_options(samples):
     exact4 = rows[("exact_rank4.weight", None)]
     assert (exact4["method"], exact4["k"], exact4["k95"], exact4["k99"]) == ("randomized", 3, 3, None)
     assert exact4["effective_rank"] is None  # needs the whole spectrum
+    table = invoke("spectrum", samples / "synthetic.safetensors", "--method", "randomized", "--rank-cap", "3")
+    assert "5 matrices: 95 % of the energy not reached within --rank-cap" in table.stdout
     assert_one_line_error(invoke("spectrum", samples / "base.safetensors", "--method", "svd"), "method must be one of")
     assert_one_line_error(
         invoke("spectrum", samples / "base.safetensors", "--method", "exact", "--rank-cap", "4"), "rank-cap"
