@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
+from typing import Any
 
 import numpy as np
 import torch
@@ -321,6 +322,26 @@ def _load(batch_specs: list[MatrixSpec], ckpt: Checkpoint, base: Checkpoint | No
     return _Loaded(batch_specs, identities, stack, energies, nonfinite)
 
 
+def _overlaps(config: EngineConfig) -> bool:
+    """Whether reading the next batch overlaps the decomposition of this one."""
+    return config.device.type == "cuda"
+
+
+class _InOrder:
+    """The executor interface, run in the calling thread: reads without overlap."""
+
+    def __enter__(self) -> _InOrder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Callable[..., _Loaded], *args: Any) -> Future[_Loaded]:
+        future: Future[_Loaded] = Future()
+        future.set_result(fn(*args))
+        return future
+
+
 def spectra(
     specs: Sequence[MatrixSpec],
     ckpt: Checkpoint,
@@ -331,20 +352,26 @@ def spectra(
 ) -> Iterator[MatrixResult]:
     """Singular values of every matrix in ``specs``, batch by batch.
 
-    A background thread reads (and upcasts) the next batch while this one is decomposed.
-    With two batches in flight, each gets half of ``config.max_batch_bytes``, so the
-    budget holds for both together. Matrices with NaN or Inf entries are counted and
-    yielded without singular values; they do not stop the run.
+    On CUDA a background thread reads (and upcasts) the next batch while the device
+    decomposes this one; with two batches in flight each gets half of
+    ``config.max_batch_bytes``, so the budget holds for both together. On the CPU the
+    decomposition already keeps every core busy and a reader thread only competes with
+    it (15 % slower, benchmarks/README.md), so batches are read in turn with the whole
+    budget. Matrices with NaN or Inf entries are counted and yielded without singular
+    values; they do not stop the run.
 
     Yields:
         One :class:`MatrixResult` per matrix (per expert for 3-D tensors), grouped by
         batch; callers that need name order sort afterwards.
     """
     itemsize = torch.empty(0, dtype=config.dtype).element_size()
-    plan = plan_batches(specs, itemsize=itemsize, max_batch_bytes=config.max_batch_bytes // 2)
+    overlap = _overlaps(config)
+    budget = config.max_batch_bytes // 2 if overlap else config.max_batch_bytes
+    plan = plan_batches(specs, itemsize=itemsize, max_batch_bytes=budget)
     totals = (sum(s.count for s in specs), sum(_stored_bytes(s, base is not None) for s in specs))
     done_matrices = done_bytes = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowrank-audit-read") as reader:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowrank-audit-read") if overlap else _InOrder()
+    with pool as reader:
         pending = reader.submit(_load, plan[0], ckpt, base, config) if plan else None
         for index in range(len(plan)):
             batch = pending.result()
