@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
@@ -327,8 +327,19 @@ def _overlaps(config: EngineConfig) -> bool:
     return config.device.type == "cuda"
 
 
+class _Deferred:
+    """A read that runs when its result is asked for, in the calling thread."""
+
+    def __init__(self, fn: Callable[..., _Loaded], *args: Any) -> None:
+        self._fn, self._args = fn, args
+
+    def result(self) -> _Loaded:
+        return self._fn(*self._args)
+
+
 class _InOrder:
-    """The executor interface, run in the calling thread: reads without overlap."""
+    """The executor interface without a thread: each batch is read only once the previous
+    one has been decomposed, so one batch is in memory at a time."""
 
     def __enter__(self) -> _InOrder:
         return self
@@ -336,10 +347,8 @@ class _InOrder:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def submit(self, fn: Callable[..., _Loaded], *args: Any) -> Future[_Loaded]:
-        future: Future[_Loaded] = Future()
-        future.set_result(fn(*args))
-        return future
+    def submit(self, fn: Callable[..., _Loaded], *args: Any) -> _Deferred:
+        return _Deferred(fn, *args)
 
 
 def spectra(

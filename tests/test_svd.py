@@ -148,15 +148,18 @@ def test_batches_in_flight_stay_within_the_budget(tmp_path, monkeypatch, overlap
     tensors = {f"layers.{i}.proj.weight": _random((64, 64), i).float() for i in range(12)}
     path = _write(tmp_path / "m.safetensors", tensors)
     budget_mb = 64 * 64 * 4 * 4 / 2**20  # four matrices' worth
-    sizes, threads = [], set()
+    sizes, threads, loaded_batches, alive = [], set(), [], []
     original = svd._load
 
     def spy(batch_specs, *args):
         import threading
 
         threads.add(threading.current_thread().name)
+        # Batches whose buffer is still held, counting the one about to be read.
+        alive.append(1 + sum(b.stack is not None for b in loaded_batches))
         loaded = original(batch_specs, *args)
         sizes.append(loaded.stack.numel() * loaded.stack.element_size())
+        loaded_batches.append(loaded)
         return loaded
 
     monkeypatch.setattr(svd, "_load", spy)
@@ -168,6 +171,7 @@ def test_batches_in_flight_stay_within_the_budget(tmp_path, monkeypatch, overlap
     assert len(results) == 12 and all(r.singular_values is not None for r in results)
     in_flight = 2 if overlap else 1
     assert max(sizes) * in_flight <= budget_mb * 2**20 and len(sizes) == 3 * in_flight
+    assert max(alive) == in_flight
     assert all(name.startswith("lowrank-audit-read") for name in threads) == overlap
 
 
