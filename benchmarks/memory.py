@@ -28,17 +28,11 @@ SIDE = 2048
 SHARD_TENSORS = 64  # 512 MiB of fp16 per shard
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 
+sys.path.insert(0, "benchmarks")
+from _peak import peak_mb
 
-def peak_mb():
-    # VmHWM belongs to this address space; ru_maxrss survives execve on Linux and would
-    # report the forking parent's peak when the parent was larger.
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 from lowrank_audit.audit import spectrum
 path, method, cap, budget = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])

@@ -25,18 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 
-
-def peak_mb():
-    # VmHWM belongs to this address space; ru_maxrss survives execve on Linux and would
-    # report the forking parent's peak when the parent was larger.
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
+sys.path.insert(0, "benchmarks")
+from _peak import peak_mb
 import torch
 variant, path = sys.argv[1], sys.argv[2]
 if variant == "tool":
