@@ -242,24 +242,23 @@ def adaptive_singular_values(
     """
     side = min(batch.shape[-2:])
     limit = min(rank_cap, side) if rank_cap is not None else int(EXACT_FRACTION * side)
-    out: list[tuple[torch.Tensor, str] | None] = [None] * len(batch)
+    out: dict[int, tuple[torch.Tensor, str]] = {}
     pending = list(range(len(batch)))
     k = min(START_RANK, limit)
-    while pending and 0 < k <= limit:
+    while pending and k > 0:
         _, s, _ = truncated_svd(_rows(batch, pending), k, seeds=[seeds[i] for i in pending])
         captured = (s.double() ** 2).sum(dim=-1).tolist()
         last = k == limit
-        still = []
         for row, i in enumerate(pending):
             if captured[row] >= target * energies[i] or (last and rank_cap is not None):
                 out[i] = (s[row], "randomized")
-            else:
-                still.append(i)
-        pending, k = still, (min(2 * k, limit) if not last else limit + 1)
+        pending = [i for i in pending if i not in out]
+        if last:
+            break
+        k = min(2 * k, limit)
     if pending:
-        for i, s in zip(pending, singular_values(_rows(batch, pending)), strict=True):
-            out[i] = (s, "exact")
-    return [o for o in out if o is not None]
+        out |= dict(zip(pending, ((s, "exact") for s in singular_values(_rows(batch, pending))), strict=True))
+    return [out[i] for i in range(len(batch))]
 
 
 def _rows(batch: torch.Tensor, rows: list[int]) -> torch.Tensor:
