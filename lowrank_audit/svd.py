@@ -8,8 +8,9 @@ finds non-finite entries), decomposed and released before the next is read, and 
 
 Methods: ``exact`` is LAPACK/cuSOLVER ``svdvals``. ``randomized`` is Halko, Martinsson &
 Tropp (SIAM Review 53(2), 2011), Algorithm 4.4 with re-orthonormalized power iterations;
-for energy ranks it grows k (32, 64, ...) until the top-k values hold the largest energy
-target of every matrix, and decomposes exactly once k would pass a quarter of min(m, n).
+for energy ranks the sketch grows block by block without recomputing (Yu, Gu & Li, SIAM
+J. Matrix Anal. Appl. 39(2), 2018, randQB_EI) until its values hold the largest energy
+target of every matrix, and decomposes exactly once it would pass a quarter of min(m, n).
 ``auto`` is exact for matrices whose smaller side is at most 1024, randomized above.
 """
 
@@ -38,9 +39,11 @@ OVERSAMPLE = 10
 # Section 4.5: q = 1 or 2 power iterations for slowly decaying spectra; tests/test_randomized.py
 # shows q = 2 meets the float32 tolerance on decaying spectra and q = 0 does not.
 POWER_ITERATIONS = 2
-START_RANK = 32
-# Randomized SVD costs about (2q + 2) passes of 2mnk flops; past k = min(m, n) / 4 its
-# rounds of doubling cost more than one exact decomposition (benchmarks/README.md).
+# Columns added to the sketch per round of the adaptive path (benchmarks/README.md: 48
+# lands k99 of LLaMA-7B shapes within one round of its final width).
+BLOCK = 48
+# Randomized SVD costs about (2q + 2) passes of 2mnk flops; past k = min(m, n) / 4 that
+# costs more than one exact decomposition (benchmarks/README.md).
 EXACT_FRACTION = 0.25
 # auto: below this smaller side an exact decomposition takes under a second on 2 CPU
 # cores (1024 x 1024: about 0.4 s), so truncation is not worth its nulls.
@@ -177,14 +180,67 @@ def singular_values(batch: torch.Tensor) -> torch.Tensor:
 
 
 def squared_norms(batch: torch.Tensor) -> tuple[list[float], list[int]]:
-    """``||W||_F^2`` (accumulated in float64) and the NaN/Inf count of each matrix of a stack.
+    """``||W||_F^2`` and the NaN/Inf count of each matrix of a stack.
 
-    A finite sum of squares proves every entry finite, so only a matrix whose sum is not
-    finite is counted entry by entry. One matrix at a time bounds the float64 copy.
+    Row norms in the batch's own dtype (pairwise sums: 3e-9 relative error measured on an
+    11008 x 4096 float32 matrix) are squared and summed in float64, 20x faster than
+    casting every entry to float64. A sum that is not finite (NaN, Inf, or an overflow of a
+    row norm) is redone in float64, and only then are entries counted; a finite sum proves
+    every entry finite.
     """
-    energies = [float(torch.linalg.vector_norm(m, dtype=torch.float64) ** 2) for m in batch]
-    counts = [0 if np.isfinite(e) else int((~torch.isfinite(m)).sum()) for e, m in zip(energies, batch, strict=True)]
+    energies = torch.linalg.vector_norm(batch, dim=-1).double().square().sum(dim=-1).tolist()
+    counts = [0] * len(energies)
+    for i, energy in enumerate(energies):
+        if not np.isfinite(energy):
+            energies[i] = float(torch.linalg.vector_norm(batch[i], dtype=torch.float64) ** 2)
+            counts[i] = int((~torch.isfinite(batch[i])).sum())
     return energies, counts
+
+
+@dataclass(frozen=True)
+class _Sketch:
+    """An orthonormal basis ``q`` (b, m, l) of each matrix's dominant range and ``b = q^T W``
+    (b, l, n), grown block by block; ``generators`` continue each matrix's random stream."""
+
+    q: torch.Tensor
+    b: torch.Tensor
+    generators: list[torch.Generator]
+
+    @classmethod
+    def empty(cls, batch: torch.Tensor, seeds: Sequence[int]) -> _Sketch:
+        b, m, n = batch.shape
+        return cls(
+            batch.new_zeros(b, m, 0), batch.new_zeros(b, 0, n), [torch.Generator().manual_seed(s) for s in seeds]
+        )
+
+    @property
+    def width(self) -> int:
+        return self.q.shape[-1]
+
+    def rows(self, rows: list[int]) -> _Sketch:
+        return _Sketch(_rows(self.q, rows), _rows(self.b, rows), [self.generators[i] for i in rows])
+
+
+def _grow(batch: torch.Tensor, sketch: _Sketch, width: int, power_iterations: int) -> _Sketch:
+    """Add ``width`` columns to the basis (Yu, Gu & Li 2018, randQB_b with power iterations).
+
+    Every product with W is taken against the part of the range not yet captured,
+    ``(I - Q Q^T) W``, which ``B = Q^T W`` gives without another pass over W.
+    """
+    q, b = sketch.q, sketch.b
+    n = batch.shape[-1]
+    # Each matrix's test matrix is drawn on the CPU from its own stream, so values do not
+    # depend on batching and CPU and CUDA runs use the same one.
+    omega = torch.stack([torch.randn(n, width, generator=g, dtype=batch.dtype) for g in sketch.generators])
+    omega = omega.to(batch.device)  # (b, n, width)
+    block = torch.linalg.qr(batch @ omega - q @ (b @ omega)).Q  # (b, m, width)
+    for _ in range(power_iterations):
+        back = torch.linalg.qr(batch.mT @ block - b.mT @ (q.mT @ block)).Q  # (b, n, width)
+        block = torch.linalg.qr(batch @ back - q @ (b @ back)).Q
+    # Rounding leaves the new block slightly inside span(Q); one more projection restores
+    # orthogonality (Gram-Schmidt twice is enough).
+    block = torch.linalg.qr(block - q @ (q.mT @ block)).Q
+    return _Sketch(torch.cat([q, block], dim=-1), torch.cat([b, block.mT @ batch], dim=-2), sketch.generators)
 
 
 def truncated_svd(
@@ -200,26 +256,18 @@ def truncated_svd(
     Args:
         batch: Matrices of shape (b, m, n), float32 or float64, on any device.
         rank: Number of singular triplets wanted, k.
-        seeds: One seed per matrix: each matrix's Gaussian test matrix depends only on
-            its seed, so results do not depend on how matrices are batched, and are drawn
-            on the CPU so CPU and CUDA runs use the same one.
+        seeds: One seed per matrix; its Gaussian test matrix depends only on the seed.
         oversample: Extra columns p of the sketch.
         power_iterations: Passes q of ``(W W^T)``, each re-orthonormalized by QR.
 
     Returns:
         ``U`` (b, m, k), ``S`` (b, k) descending, ``Vh`` (b, k, n), with k = min(rank, m, n).
     """
-    b, m, n = batch.shape
-    width = min(rank + oversample, m, n)
-    omega = torch.stack(
-        [torch.randn(n, width, generator=torch.Generator().manual_seed(s), dtype=batch.dtype) for s in seeds]
-    ).to(batch.device)  # (b, n, width)
-    q = torch.linalg.qr(batch @ omega).Q  # (b, m, width)
-    for _ in range(power_iterations):
-        q = torch.linalg.qr(batch @ torch.linalg.qr(batch.mT @ q).Q).Q
-    u_small, s, vh = torch.linalg.svd(q.mT @ batch, full_matrices=False)  # (b, width, width), (b, width), (b, width, n)
+    width = min(rank + oversample, *batch.shape[-2:])
+    sketch = _grow(batch, _Sketch.empty(batch, seeds), width, power_iterations)
+    u_small, s, vh = torch.linalg.svd(sketch.b, full_matrices=False)  # (b, l, l), (b, l), (b, l, n)
     k = min(rank, width)
-    return (q @ u_small)[..., :k], s[..., :k], vh[..., :k, :]
+    return (sketch.q @ u_small)[..., :k], s[..., :k], vh[..., :k, :]
 
 
 def adaptive_singular_values(
@@ -232,32 +280,40 @@ def adaptive_singular_values(
 ) -> list[tuple[torch.Tensor, str]]:
     """Top singular values of each matrix, enough to hold ``target`` of its energy.
 
-    k starts at 32 and doubles for the matrices not yet there. Once k would pass a quarter
-    of min(m, n) the rest are decomposed exactly, unless ``rank_cap`` is given: then k
-    stops at the cap and the top-``rank_cap`` values are returned whether or not they
-    reach the target.
+    The sketch grows by ``BLOCK`` columns at a time, never recomputing what it has
+    (randQB_EI, Yu, Gu & Li 2018): a matrix is done once the values of ``B = Q^T W``
+    reach the target at some k with ``OVERSAMPLE`` columns to spare, and its top
+    ``width - OVERSAMPLE`` values are returned. Those values never exceed the true ones
+    (Cauchy interlacing), so a rank read from them is never below the exact rank. Once
+    the width would pass a quarter of min(m, n) the rest are decomposed exactly, unless
+    ``rank_cap`` is given: then the top ``rank_cap`` values are returned whether or not
+    they reach the target.
 
     Returns:
         Per matrix, its singular values (descending) and the method that produced them.
     """
     side = min(batch.shape[-2:])
-    limit = min(rank_cap, side) if rank_cap is not None else int(EXACT_FRACTION * side)
+    cap = min(rank_cap, side) if rank_cap is not None else None
+    limit = min(cap + OVERSAMPLE, side) if cap is not None else int(EXACT_FRACTION * side)
     out: dict[int, tuple[torch.Tensor, str]] = {}
     pending = list(range(len(batch)))
-    k = min(START_RANK, limit)
-    while pending and k > 0:
-        _, s, _ = truncated_svd(_rows(batch, pending), k, seeds=[seeds[i] for i in pending])
-        captured = (s.double() ** 2).sum(dim=-1).tolist()
-        last = k == limit
+    active, sketch = batch, _Sketch.empty(batch, seeds)  # the rows of pending
+    while pending and sketch.width < limit:
+        sketch = _grow(active, sketch, min(BLOCK, limit - sketch.width), POWER_ITERATIONS)
+        s = torch.linalg.svdvals(sketch.b.mT)  # (pending, width); tall orientation is faster
+        captured = torch.cumsum(s.double() ** 2, dim=-1)
+        last = sketch.width == limit
         for row, i in enumerate(pending):
-            if captured[row] >= target * energies[i] or (last and rank_cap is not None):
-                out[i] = (s[row], "randomized")
-        pending = [i for i in pending if i not in out]
-        if last:
-            break
-        k = min(2 * k, limit)
+            reached = int(torch.searchsorted(captured[row], target * energies[i])) + 1  # k holding the target
+            if reached + OVERSAMPLE <= sketch.width:
+                out[i] = (s[row, : sketch.width - OVERSAMPLE], "randomized")
+            elif last and cap is not None:
+                out[i] = (s[row, :cap], "randomized")
+        keep = [row for row, i in enumerate(pending) if i not in out]
+        pending = [pending[row] for row in keep]
+        active, sketch = _rows(active, keep), sketch.rows(keep)
     if pending:
-        out |= dict(zip(pending, ((s, "exact") for s in singular_values(_rows(batch, pending))), strict=True))
+        out |= dict(zip(pending, ((s, "exact") for s in singular_values(active)), strict=True))
     return [out[i] for i in range(len(batch))]
 
 

@@ -13,7 +13,7 @@ from lowrank_audit.checkpoint import open_checkpoint
 from lowrank_audit.errors import OptionError
 from lowrank_audit.metrics import ENERGY_TARGETS, energy_rank
 from lowrank_audit.selection import select_matrices
-from lowrank_audit.svd import EngineConfig, plan_batches, resolve_device, singular_values, spectra
+from lowrank_audit.svd import EngineConfig, plan_batches, resolve_device, singular_values, spectra, squared_norms
 from tests.conftest import (
     assert_singular_values_close,
     low_rank_plus_noise,
@@ -112,6 +112,18 @@ def test_nonfinite_matrices_are_counted_not_decomposed(tmp_path):
         assert_singular_values_close(results[i].singular_values, reference_singular_values(bad[i]), torch.float32)
     assert progress[-1].matrices_done == progress[-1].matrices_total == 4
     assert progress[-1].bytes_done == progress[-1].bytes_total == bad.numel() * 4
+
+
+def test_squared_norms_match_float64_and_survive_float32_overflow():
+    stack = _random((3, 300, 700), 2).float()
+    stack[1] *= 1e18  # row norms near 2.6e19 * sqrt(700): their squares overflow float32
+    stack[2, 5, 5] = float("nan")
+    energies, counts = squared_norms(stack)
+    want = [float(np.sum(m.double().numpy() ** 2)) for m in stack[:2]]
+    np.testing.assert_allclose(energies[:2], want, rtol=1e-7)
+    assert np.isnan(energies[2]) and counts == [0, 0, 1]
+    # Negative control: summing the squares in float32 overflows on the scaled matrix.
+    assert not np.isfinite(float(stack[1].square().sum()))
 
 
 def test_device_and_option_validation():
