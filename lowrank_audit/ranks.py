@@ -1,0 +1,220 @@
+"""Rank allocation: from spectra to one rank per matrix, shared by ``recommend`` and ``compress``.
+
+Four ways to choose, exactly one per run:
+
+- ``energy``: per matrix, the smallest k whose top-k singular values hold that share of
+  ||W||_F^2 (the k of :func:`lowrank_audit.metrics.energy_rank`);
+- ``rank``: the same k everywhere, capped at min(m, n);
+- ``budget_params``: a total number of adapter parameters, spent greedily on the rank-1
+  components with the most energy per parameter (a component of an m x n matrix costs
+  m + n), so matrices whose spectra are steep get less than flat ones;
+- ``avg_rank``: the same budget written as an average rank, R * sum(m + n).
+
+``min_rank``, ``max_rank`` and ``round_to`` then shape every rank: at least ``min_rank``,
+rounded up to a multiple of ``round_to``, and never above ``max_rank`` or min(m, n)
+(the caps win over rounding). Under a budget, ranks grow by ``round_to`` components at a
+time, so rounding never breaks the budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lowrank_audit.errors import OptionError
+from lowrank_audit.metrics import energy_rank
+
+DEFAULT_ENERGY = 0.95
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """How ranks are chosen. Build with :meth:`create` to validate user input once."""
+
+    energy: float | None = None
+    rank: int | None = None
+    budget_params: int | None = None
+    min_rank: int = 1
+    max_rank: int | None = None
+    round_to: int = 1
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        energy: float | None = None,
+        rank: int | None = None,
+        budget_params: int | None = None,
+        avg_rank: float | None = None,
+        min_rank: int = 1,
+        max_rank: int | None = None,
+        round_to: int = 1,
+    ) -> RankPolicy | _AverageRank:
+        """Validate options as a user spells them; ``energy`` 0.95 when no way is given.
+
+        Raises:
+            OptionError: Two ways given at once, or a value out of its domain.
+        """
+        given = {"--energy": energy, "--rank": rank, "--budget-params": budget_params, "--avg-rank": avg_rank}
+        chosen = [flag for flag, value in given.items() if value is not None]
+        if len(chosen) > 1:
+            raise OptionError(f"{' and '.join(chosen)} conflict: choose ranks one way")
+        if energy is not None and not 0 < energy <= 1:
+            raise OptionError(f"energy must be in (0, 1] but got {energy}")
+        for flag, value in (("--rank", rank), ("--budget-params", budget_params), ("--round-to", round_to)):
+            if value is not None and value < 1:
+                raise OptionError(f"{flag} must be a positive integer but got {value}")
+        if avg_rank is not None and not avg_rank > 0:
+            raise OptionError(f"--avg-rank must be positive but got {avg_rank}")
+        if min_rank < 1:
+            raise OptionError(f"--min-rank must be a positive integer but got {min_rank}")
+        if max_rank is not None and max_rank < min_rank:
+            raise OptionError(f"--max-rank {max_rank} is below --min-rank {min_rank}")
+        if not chosen:
+            energy = DEFAULT_ENERGY
+        policy = cls(energy, rank, budget_params, min_rank, max_rank, round_to)
+        return _AverageRank(policy, avg_rank) if avg_rank is not None else policy
+
+    def describe(self) -> str:
+        if self.rank is not None:
+            return f"rank {self.rank}"
+        if self.budget_params is not None:
+            return f"budget {self.budget_params:,} parameters"
+        return f"energy {self.energy}"
+
+
+@dataclass(frozen=True)
+class _AverageRank:
+    """``--avg-rank R``: a parameter budget once the matrices, and so sum(m + n), are known."""
+
+    policy: RankPolicy
+    avg_rank: float
+
+    def resolve(self, layers: Sequence[LayerSpectrum]) -> RankPolicy:
+        budget = int(self.avg_rank * sum(layer.rows + layer.cols for layer in layers))
+        return RankPolicy(None, None, budget, self.policy.min_rank, self.policy.max_rank, self.policy.round_to)
+
+    def describe(self) -> str:
+        return f"average rank {self.avg_rank}"
+
+
+@dataclass(frozen=True)
+class LayerSpectrum:
+    """What allocation needs of one matrix: its size, its (top) singular values, ||W||_F^2."""
+
+    name: str
+    rows: int
+    cols: int
+    singular_values: np.ndarray  # descending; may hold only the top of the spectrum
+    energy: float
+
+    @property
+    def side(self) -> int:
+        return min(self.rows, self.cols)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The rank chosen for one matrix, with the share of its energy kept and its cost."""
+
+    name: str
+    rank: int
+    energy_kept: float  # sum of the top-rank s_i^2 over ||W||_F^2
+    params: int  # rank * (rows + cols)
+
+
+def _kept(layer: LayerSpectrum, rank: int) -> float:
+    if rank >= layer.side or layer.energy == 0:
+        return 1.0
+    if rank > len(layer.singular_values):
+        raise OptionError(
+            f"{layer.name}: rank {rank} needs {rank} singular values but the spectrum holds "
+            f"{len(layer.singular_values)}; audit it with --method exact"
+        )
+    return min(1.0, float(np.sum(layer.singular_values[:rank] ** 2)) / layer.energy)
+
+
+def _shape(k: int, layer: LayerSpectrum, policy: RankPolicy) -> int:
+    """Apply min_rank, round_to (up), then max_rank and min(m, n) (down)."""
+    k = math.ceil(max(k, policy.min_rank) / policy.round_to) * policy.round_to
+    cap = layer.side if policy.max_rank is None else min(layer.side, policy.max_rank)
+    return min(k, cap)
+
+
+def allocate(layers: Sequence[LayerSpectrum], policy: RankPolicy | _AverageRank) -> list[Allocation]:
+    """One rank per matrix under ``policy``, in the order of ``layers``.
+
+    Raises:
+        OptionError: A spectrum holds too few values for the rank asked (a truncated
+            report row), or a budget smaller than ``min_rank`` everywhere costs.
+    """
+    if isinstance(policy, _AverageRank):
+        policy = policy.resolve(layers)
+    if policy.budget_params is not None:
+        ranks = _greedy(layers, policy)
+    elif policy.rank is not None:
+        ranks = [_shape(policy.rank, layer, policy) for layer in layers]
+    else:
+        ranks = [_shape(_energy_rank(layer, policy.energy), layer, policy) for layer in layers]
+    return [
+        Allocation(layer.name, k, _kept(layer, k), k * (layer.rows + layer.cols))
+        for layer, k in zip(layers, ranks, strict=True)
+    ]
+
+
+def _energy_rank(layer: LayerSpectrum, target: float) -> int:
+    if layer.energy == 0:
+        return 0  # an unchanged matrix: min_rank decides
+    k = energy_rank(layer.singular_values, layer.energy, target)
+    if k is None:
+        raise OptionError(
+            f"{layer.name}: the {len(layer.singular_values)} singular values known hold less than "
+            f"{target} of its energy; audit it with --method exact"
+        )
+    return k
+
+
+def _greedy(layers: Sequence[LayerSpectrum], policy: RankPolicy) -> list[int]:
+    """Spend the budget on chunks of ``round_to`` components, best energy per parameter first.
+
+    Within a matrix the chunks' energy per parameter never rises (singular values
+    descend), so taking the best chunk each time fills every matrix from the top, and the
+    result keeps the most energy of any allocation costing no more than it does. It stops
+    at the first chunk that does not fit: skipping it for a cheaper one further down would
+    lose that guarantee.
+    """
+    ranks = [_shape(0, layer, policy) for layer in layers]
+    spent = sum(k * (layer.rows + layer.cols) for k, layer in zip(ranks, layers, strict=True))
+    if spent > policy.budget_params:
+        raise OptionError(
+            f"budget of {policy.budget_params:,} parameters is below the {spent:,} that --min-rank "
+            f"{policy.min_rank} costs on {len(layers)} matrices"
+        )
+    cap = [layer.side if policy.max_rank is None else min(layer.side, policy.max_rank) for layer in layers]
+    heap: list[tuple[float, int, int]] = []
+
+    def push(i: int) -> None:
+        layer, start = layers[i], ranks[i]
+        stop = min(start + policy.round_to, cap[i], len(layer.singular_values))
+        if stop > start:
+            gain = float(np.sum(layer.singular_values[start:stop] ** 2))
+            heapq.heappush(heap, (-gain / ((stop - start) * (layer.rows + layer.cols)), i, stop))
+
+    for i in range(len(layers)):
+        push(i)
+    while heap:
+        _, i, stop = heapq.heappop(heap)
+        cost = (stop - ranks[i]) * (layers[i].rows + layers[i].cols)
+        if spent + cost > policy.budget_params:
+            break
+        spent += cost
+        ranks[i] = stop
+        push(i)
+    return ranks
+
+
+__all__ = ["DEFAULT_ENERGY", "Allocation", "LayerSpectrum", "RankPolicy", "allocate"]
