@@ -267,6 +267,206 @@ def _render(frame: pd.DataFrame, top: int, elapsed: float, out: Path | None) -> 
     out_console.print(line + (f"; report written to {out}" if out else ""), highlight=False, soft_wrap=True)
 
 
+# Rank options shared by recommend and compress (lowrank_audit.ranks).
+EnergyOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Per layer, the smallest rank whose singular values hold this share of ||W||_F^2, in (0, 1]. The default (0.95) when no other way is given."
+    ),
+]
+RankOpt = Annotated[
+    int | None, typer.Option("--rank", help="The same rank for every layer (capped at min(rows, cols)).")
+]
+BudgetOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Total adapter parameters, spent greedily on the components with the most energy per parameter (rank r of an m x n matrix costs r(m+n))."
+    ),
+]
+AvgRankOpt = Annotated[
+    float | None, typer.Option(help="A budget written as an average rank: R * sum(m + n) parameters.")
+]
+MinRankOpt = Annotated[int, typer.Option(help="No layer below this rank.")]
+MaxRankOpt = Annotated[int | None, typer.Option(help="No layer above this rank.")]
+RoundToOpt = Annotated[
+    int, typer.Option(help="Round ranks up to a multiple of this (e.g. 8 for serving engines); caps still apply.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace the output if it exists.")]
+MethodOpt = Annotated[
+    str, typer.Option(help="SVD method: exact, randomized, or auto (exact when min(rows, cols) <= 1024).")
+]
+
+
+def _policy(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to):  # type: ignore[no-untyped-def]
+    from lowrank_audit.ranks import RankPolicy
+
+    return RankPolicy.create(
+        energy=energy, rank=rank, budget_params=budget_params, avg_rank=avg_rank, min_rank=min_rank,
+        max_rank=max_rank, round_to=round_to,
+    )  # fmt: skip
+
+
+def _rank_table(frame: pd.DataFrame, title: str, columns: tuple[tuple[str, str, str], ...]) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for _, heading, _ in columns:
+        left = heading in ("layer", "treatment")
+        table.add_column(heading, justify="left" if left else "right", overflow="fold" if heading == "layer" else None)
+    for row in frame.to_dict("records"):
+        table.add_row(*(_fmt(row[column], pattern) for column, _, pattern in columns))
+    return table
+
+
+@app.command()
+def recommend(
+    source: Annotated[
+        Path, typer.Argument(help="A spectrum report (.parquet) or a checkpoint to audit first.", show_default=False)
+    ],
+    base: Annotated[
+        Path | None, typer.Option("--base", "-b", help="Base checkpoint: recommend ranks for the update SOURCE - BASE.")
+    ] = None,
+    energy: EnergyOpt = None,
+    rank: RankOpt = None,
+    budget_params: BudgetOpt = None,
+    avg_rank: AvgRankOpt = None,
+    min_rank: MinRankOpt = 1,
+    max_rank: MaxRankOpt = None,
+    round_to: RoundToOpt = 1,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the ranks to this Parquet file.")] = None,
+    peft_config: Annotated[
+        Path | None,
+        typer.Option(help="Write a PEFT LoraConfig JSON (adapter_config.json) with these ranks per module."),
+    ] = None,
+    method: MethodOpt = "exact",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].")] = "auto",
+) -> None:
+    """Per-layer LoRA ranks: by energy, a fixed rank, or a parameter budget spread where it buys most.
+
+    Example: lowrank-audit recommend finetuned.safetensors --base base.safetensors --avg-rank 8 --peft-config adapter_config.json
+    """
+    with user_errors():
+        from lowrank_audit.recommend import RANKS_SCHEMA, load_source
+        from lowrank_audit.recommend import peft_config as to_peft_config
+        from lowrank_audit.recommend import recommend as run_recommend
+        from lowrank_audit.report import check_output_path, write_report
+
+        policy = _policy(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to)
+        inputs = [source] + ([base] if base else [])
+        for path in (out, peft_config):
+            if path is not None:
+                check_output_path(path, inputs)
+        report = load_source(source, base, method=method, device=device)
+        ranks = run_recommend(report, policy)
+        columns = (("name", "layer", "{}"), ("rows", "rows", "{}"), ("cols", "cols", "{}"), ("rank", "rank", "{}"),
+                   ("energy_kept", "energy kept", "{:.1%}"), ("params", "params", "{:,}"))  # fmt: skip
+        out_console.print(_rank_table(ranks, f"LoRA ranks ({policy.describe()})", columns))
+        total = int(ranks["params"].sum())
+        line = f"{len(ranks)} layers, {total:,} adapter parameters, mean rank {ranks['rank'].mean():.1f}"
+        if out is not None:
+            write_report(ranks, out, schema=RANKS_SCHEMA)
+            line += f"; ranks written to {out}"
+        if peft_config is not None:
+            peft_config.parent.mkdir(parents=True, exist_ok=True)
+            peft_config.write_text(json.dumps(to_peft_config(ranks), indent=2) + "\n")
+            line += f"; PEFT config written to {peft_config}"
+        out_console.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def compress(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Checkpoint to compress (the fine-tune, with --base).", show_default=False)
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Output folder (refused if it exists, unless --force).", show_default=False),
+    ],
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            "-b",
+            help="Base checkpoint: write the update CHECKPOINT - BASE as a PEFT LoRA adapter. Without it, write a factorized checkpoint.",
+        ),
+    ] = None,
+    energy: EnergyOpt = None,
+    rank: RankOpt = None,
+    budget_params: BudgetOpt = None,
+    avg_rank: AvgRankOpt = None,
+    min_rank: MinRankOpt = 1,
+    max_rank: MaxRankOpt = None,
+    round_to: RoundToOpt = 1,
+    embeddings: Annotated[
+        str, typer.Option(help="Adapters: embeddings and lm_head as full modules_to_save (save) or as LoRA (lora).")
+    ] = "save",
+    serving_safe: Annotated[
+        bool,
+        typer.Option(
+            help="Adapters: LoRA on Linear layers only (no modules_to_save, lora_bias, embeddings or lm_head); what is left out is reported with its share of the update."
+        ),
+    ] = False,
+    include: Annotated[
+        list[str] | None, typer.Option("--include", "-i", help="Glob on tensor names to compress.")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", "-x", help="Glob on tensor names to leave alone.")
+    ] = None,
+    method: MethodOpt = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the randomized method.")] = 0,
+    force: ForceOpt = False,
+) -> None:
+    """Write a PEFT LoRA adapter of a fine-tune (--base), or a low-rank factorized checkpoint.
+
+    Each matrix is split as B = U sqrt(S), A = sqrt(S) Vh at the rank the options choose. The written files are re-opened and checked layer by layer; compress-report.parquet beside them gives rank, parameters, energy kept and relative error per tensor.
+
+    Example: lowrank-audit compress finetuned.safetensors --base base.safetensors --energy 0.9 --out adapter/
+    """
+    with user_errors():
+        from lowrank_audit.compress import REPORT_NAME
+        from lowrank_audit.compress import compress as run_compress
+
+        policy = _policy(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to)
+        started = time.perf_counter()
+        report = run_compress(
+            checkpoint, out, base=base, policy=policy, embeddings=embeddings, serving_safe=serving_safe,
+            include=include or (), exclude=exclude or (), force=force, method=method, device=device, seed=seed,
+            command=shlex.join(["lowrank-audit", *sys.argv[1:]]),
+        )  # fmt: skip
+        elapsed = time.perf_counter() - started
+        columns = (("name", "layer", "{}"), ("treatment", "treatment", "{}"), ("rank", "rank", "{}"),
+                   ("params_before", "before", "{:,}"), ("params_after", "after", "{:,}"),
+                   ("energy_kept", "energy kept", "{:.1%}"), ("relative_error", "rel. error", "{:.3f}"),
+                   ("update_share", "share", "{:.1%}"))  # fmt: skip
+        out_console.print(_rank_table(report, f"compress ({policy.describe()})", columns))
+        before, after = int(report["params_before"].sum()), int(report["params_after"].sum())
+        left = report[report["treatment"] == "left_out"]
+        line = f"{before:,} -> {after:,} parameters ({before / max(after, 1):.1f}x smaller)"
+        if not left.empty:
+            line += f"; {len(left)} tensors left out, {left['update_share'].sum():.2%} of the update"
+        out_console.print(
+            f"{line}; verified and written to {out} ({REPORT_NAME}) in {elapsed:.2f} s", highlight=False, soft_wrap=True
+        )
+
+
+@app.command()
+def expand(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder (or its model.safetensors) written by compress without --base.", show_default=False
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dense .safetensors file to write.", show_default=False)],
+    force: ForceOpt = False,
+) -> None:
+    """Multiply a factorized checkpoint back into a dense one: original names, shapes and dtypes."""
+    with user_errors():
+        from lowrank_audit.compress import expand as run_expand
+
+        written = run_expand(source, out, force=force)
+        out_console.print(f"dense checkpoint written to {written}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -169,7 +169,11 @@ def allocate(layers: Sequence[LayerSpectrum], policy: RankPolicy | _AverageRank)
 def _energy_rank(layer: LayerSpectrum, target: float) -> int:
     if layer.energy == 0:
         return 0  # an unchanged matrix: min_rank decides
+    if target >= 1:
+        return layer.side  # every component, however small: energy 1.0 means full rank
     k = energy_rank(layer.singular_values, layer.energy, target)
+    if k is None and len(layer.singular_values) >= layer.side:
+        return layer.side  # the whole spectrum, short of the target by rounding only
     if k is None:
         raise OptionError(
             f"{layer.name}: the {len(layer.singular_values)} singular values known hold less than "

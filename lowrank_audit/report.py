@@ -56,9 +56,11 @@ SCHEMA = pa.schema([(name, dtype) for name, dtype, _ in COLUMNS])
 _PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.float64(): pd.Float64Dtype(), pa.string(): pd.StringDtype()}
 
 
-def build_frame(rows: Sequence[dict[str, Any]], metadata: dict[str, Any] | None = None) -> pd.DataFrame:
-    """A report DataFrame from row dicts keyed by :data:`COLUMNS`, nulls kept as ``<NA>``."""
-    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+def build_frame(
+    rows: Sequence[dict[str, Any]], metadata: dict[str, Any] | None = None, *, schema: pa.Schema = SCHEMA
+) -> pd.DataFrame:
+    """A report DataFrame from row dicts keyed by the schema's columns, nulls kept as ``<NA>``."""
+    table = pa.Table.from_pylist(list(rows), schema=schema)
     return _to_frame(table, metadata or {})
 
 
@@ -95,19 +97,20 @@ def check_output_path(out: Path, inputs: Iterable[Path]) -> None:
         raise OptionError(f"output {out} is a folder; give a file name such as {out / 'report.parquet'}")
 
 
-def write_report(frame: pd.DataFrame, path: str | Path) -> Path:
+def write_report(frame: pd.DataFrame, path: str | Path, *, schema: pa.Schema = SCHEMA) -> Path:
     """Write a report to Parquet atomically: a temporary file beside ``path``, then a rename.
 
     Args:
         frame: A report from :func:`build_frame` (or read back by :func:`read_report`).
         path: Destination; parent folders are created.
+        schema: The frame's schema: the spectrum report's unless another report's.
 
     Returns:
         The path written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False)
+    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     meta = json.dumps(frame.attrs.get(METADATA_KEY, {}), sort_keys=True, default=str)
     table = table.replace_schema_metadata({METADATA_KEY: meta})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -99,7 +99,7 @@ def _skip_reason(info: TensorInfo) -> str | None:
     return None
 
 
-def _wanted(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+def wanted(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     if include and not any(fnmatchcase(name, p) for p in include):
         return False
     return not any(fnmatchcase(name, p) for p in exclude)
@@ -128,10 +128,10 @@ def select_matrices(
         NoMatricesSelected: Nothing is left to audit.
     """
     specs, skipped, unpaired = [], {}, {}
-    names = [n for n in ckpt if _wanted(n, include, exclude)]
+    names = [n for n in ckpt if wanted(n, include, exclude)]
     if base is not None:
         unpaired = {n: "only in fine-tune" for n in names if n not in base}
-        unpaired |= {n: "only in base" for n in base if n not in ckpt and _wanted(n, include, exclude)}
+        unpaired |= {n: "only in base" for n in base if n not in ckpt and wanted(n, include, exclude)}
     for name in names:
         info = ckpt.info(name)
         if (reason := _skip_reason(info)) is not None:
@@ -168,4 +168,4 @@ def read_matrices(spec: MatrixSpec, ckpt: Checkpoint, base: Checkpoint | None, o
     return out
 
 
-__all__ = ["MatrixSpec", "Selection", "matrix_view", "parse_name", "read_matrices", "select_matrices"]
+__all__ = ["MatrixSpec", "Selection", "matrix_view", "parse_name", "read_matrices", "select_matrices", "wanted"]

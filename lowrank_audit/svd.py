@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lowrank_audit.checkpoint import Checkpoint
-from lowrank_audit.errors import OptionError
+from lowrank_audit.errors import LowrankAuditError, OptionError
 from lowrank_audit.metrics import ENERGY_TARGETS
 from lowrank_audit.selection import MatrixSpec, read_matrices
 
@@ -333,14 +333,71 @@ def _decompose(
 ) -> dict[int, tuple[np.ndarray, str]]:
     """Singular values (float64, on the CPU) and method of the finite matrices of a batch, by row."""
     batch = _rows(stack, finite).to(config.device, non_blocking=True)  # pinned source on CUDA
-    side = min(batch.shape[-2:])
-    if config.method == "exact" or (config.method == "auto" and side <= AUTO_EXACT_SIDE and config.rank_cap is None):
+    if _exact(config, min(batch.shape[-2:])) and config.rank_cap is None:
         decomposed = [(s, "exact") for s in singular_values(batch)]
     else:
         decomposed = adaptive_singular_values(
             batch, energies, max(ENERGY_TARGETS), seeds=seeds, rank_cap=config.rank_cap
         )
     return {i: (s.cpu().double().numpy(), method) for i, (s, method) in zip(finite, decomposed, strict=True)}
+
+
+def _exact(config: EngineConfig, side: int) -> bool:
+    return config.method == "exact" or (config.method == "auto" and side <= AUTO_EXACT_SIDE)
+
+
+@dataclass(frozen=True)
+class Factors:
+    """Top-``rank`` singular triplets of one matrix, float (``config.dtype``) on the CPU."""
+
+    spec: MatrixSpec
+    index: int | None
+    u: torch.Tensor  # (m, r)
+    s: torch.Tensor  # (r,)
+    vh: torch.Tensor  # (r, n)
+    method: str
+
+
+def factors(
+    specs: Sequence[MatrixSpec],
+    ckpt: Checkpoint,
+    *,
+    base: Checkpoint | None = None,
+    ranks: dict[str, int],
+    config: EngineConfig,
+) -> Iterator[Factors]:
+    """Top singular triplets of every matrix of ``specs``, ``ranks[spec.name]`` of them.
+
+    Batches as :func:`spectra` does (read in turn, one batch in memory). Exact where
+    :func:`spectra` would be exact (``exact``, or ``auto`` at a smaller side up to 1024),
+    so the factors there are the best rank-r approximation; randomized elsewhere, with
+    the batch's largest rank and the same per-matrix seeds.
+
+    Raises:
+        LowrankAuditError: A matrix holds NaN or Inf.
+    """
+    itemsize = torch.empty(0, dtype=config.dtype).element_size()
+    for batch_specs in plan_batches(specs, itemsize=itemsize, max_batch_bytes=config.max_batch_bytes):
+        batch = _load(batch_specs, ckpt, base, config)
+        for (spec, _), bad in zip(batch.identities, batch.nonfinite, strict=True):
+            if bad:
+                raise LowrankAuditError(f"{ckpt.path}: tensor {spec.name!r} has {bad} NaN/Inf entries, not factorized")
+        stack = batch.stack.to(config.device, non_blocking=True)
+        if _exact(config, min(stack.shape[-2:])):
+            u, s, vh = torch.linalg.svd(stack, full_matrices=False)
+            method = "exact"
+        else:
+            seeds = [_seed(config.seed, *identity) for identity in batch.identities]
+            u, s, vh = truncated_svd(stack, max(ranks[spec.name] for spec in batch_specs), seeds=seeds)
+            method = "randomized"
+        for row, (spec, j) in enumerate(batch.identities):
+            r = ranks[spec.name]
+            # clone: a view would keep the whole batch's U and Vh alive.
+            yield Factors(spec, j if len(spec.shape) == 3 else None, u[row, :, :r].cpu().clone(),
+                          s[row, :r].cpu().clone(), vh[row, :r].cpu().clone(), method)  # fmt: skip
+        ckpt.release()
+        if base is not None:
+            base.release()
 
 
 def _stored_bytes(spec: MatrixSpec, with_base: bool) -> int:
@@ -461,10 +518,12 @@ def spectra(
 __all__ = [
     "DTYPES",
     "EngineConfig",
+    "Factors",
     "MatrixResult",
     "Progress",
     "METHODS",
     "adaptive_singular_values",
+    "factors",
     "squared_norms",
     "truncated_svd",
     "plan_batches",

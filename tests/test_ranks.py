@@ -32,7 +32,8 @@ def test_energy_rank_per_layer_and_monotone_in_target():
 def test_rank_is_monotone_in_the_energy_target(values, e1, e2):
     (low, high) = sorted((e1, e2))
     layers = [layer("w", values)]
-    assert allocate(layers, RankPolicy.create(energy=low))[0].rank <= allocate(layers, RankPolicy.create(energy=high))[0].rank
+    ranks = [allocate(layers, RankPolicy.create(energy=e))[0].rank for e in (low, high)]
+    assert ranks[0] <= ranks[1]
 
 
 def test_fixed_rank_min_max_and_round_to():
@@ -44,11 +45,11 @@ def test_fixed_rank_min_max_and_round_to():
 
 
 def _energy(layers, ranks) -> float:
-    return sum(float(np.sum(lay.singular_values[:k] ** 2)) for lay, k in zip(layers, ranks))
+    return sum(float(np.sum(lay.singular_values[:k] ** 2)) for lay, k in zip(layers, ranks, strict=True))
 
 
 def _cost(layers, ranks) -> int:
-    return sum(k * (lay.rows + lay.cols) for lay, k in zip(layers, ranks))
+    return sum(k * (lay.rows + lay.cols) for lay, k in zip(layers, ranks, strict=True))
 
 
 @settings(max_examples=80, deadline=None)

@@ -1,0 +1,1 @@
+"""Files the tool writes besides reports: PEFT LoRA adapters and factorized checkpoints."""
