@@ -309,8 +309,10 @@ def _policy(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to)
 def _rank_table(frame: pd.DataFrame, title: str, columns: tuple[tuple[str, str, str], ...]) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     for _, heading, _ in columns:
-        left = heading in ("layer", "treatment")
-        table.add_column(heading, justify="left" if left else "right", overflow="fold" if heading == "layer" else None)
+        if heading == "layer":
+            table.add_column(heading, overflow="fold", min_width=24)
+        else:
+            table.add_column(heading, justify="left" if heading == "treatment" else "right", no_wrap=True)
     for row in frame.to_dict("records"):
         table.add_row(*(_fmt(row[column], pattern) for column, _, pattern in columns))
     return table
@@ -434,9 +436,8 @@ def compress(
         )  # fmt: skip
         elapsed = time.perf_counter() - started
         columns = (("name", "layer", "{}"), ("treatment", "treatment", "{}"), ("rank", "rank", "{}"),
-                   ("params_before", "before", "{:,}"), ("params_after", "after", "{:,}"),
-                   ("energy_kept", "energy kept", "{:.1%}"), ("relative_error", "rel. error", "{:.3f}"),
-                   ("update_share", "share", "{:.1%}"))  # fmt: skip
+                   ("params_after", "params", "{:,}"), ("energy_kept", "kept", "{:.1%}"),
+                   ("relative_error", "error", "{:.3f}"))  # fmt: skip
         out_console.print(_rank_table(report, f"compress ({policy.describe()})", columns))
         before, after = int(report["params_before"].sum()), int(report["params_after"].sum())
         left = report[report["treatment"] == "left_out"]

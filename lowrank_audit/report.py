@@ -122,8 +122,8 @@ def write_report(frame: pd.DataFrame, path: str | Path, *, schema: pa.Schema = S
     return path
 
 
-def read_report(path: str | Path) -> pd.DataFrame:
-    """Read a report written by :func:`write_report`, provenance in ``attrs``.
+def read_report(path: str | Path, *, schema: pa.Schema = SCHEMA) -> pd.DataFrame:
+    """Read a report written by :func:`write_report` (with ``schema``), provenance in ``attrs``.
 
     Raises:
         CheckpointError: The file is missing or is not a lowrank-audit report.
@@ -134,9 +134,9 @@ def read_report(path: str | Path) -> pd.DataFrame:
     except (OSError, pa.ArrowException) as exc:
         raise CheckpointError(f"{path}: cannot read Parquet report: {exc}") from exc
     raw = (table.schema.metadata or {}).get(METADATA_KEY.encode())
-    if raw is None or table.schema.names != SCHEMA.names:
-        raise CheckpointError(f"{path}: not a lowrank-audit report (columns or metadata missing)")
-    return _to_frame(table.cast(SCHEMA), json.loads(raw))
+    if raw is None or table.schema.names != schema.names:
+        raise CheckpointError(f"{path}: not a lowrank-audit report of this kind (columns or metadata missing)")
+    return _to_frame(table.cast(schema), json.loads(raw))
 
 
 __all__ = [

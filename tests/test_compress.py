@@ -7,6 +7,7 @@ import sys
 import warnings
 
 import numpy as np
+import peft
 import pytest
 import torch
 from safetensors import safe_open
@@ -17,7 +18,6 @@ from lowrank_audit.formats import lowrank
 from lowrank_audit.ranks import RankPolicy
 from tests.conftest import SAMPLES, reference_singular_values
 
-peft = pytest.importorskip("peft")
 sys.path.insert(0, str(SAMPLES))
 from tiny_llama import TinyLlamaConfig, TinyLlamaForCausalLM  # noqa: E402
 
