@@ -43,7 +43,7 @@ from lowrank_audit.checkpoint import Checkpoint, open_checkpoint
 from lowrank_audit.errors import CheckpointError, LowrankAuditError, OptionError
 from lowrank_audit.formats import lowrank, peft
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
-from lowrank_audit.report import build_frame, check_output_path, file_digest, write_report
+from lowrank_audit.report import build_frame, check_output_path, file_digest, schema_of, write_report
 from lowrank_audit.selection import MatrixSpec, select_matrices, wanted
 from lowrank_audit.svd import DEFAULT_MAX_BATCH_MB, EngineConfig, Factors, factors, spectra
 
@@ -70,7 +70,7 @@ COMPRESS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("relative_error", pa.float64(), "||W - written||_F / ||W||_F, measured on the written file"),
     ("update_share", pa.float64(), "share of the whole ||ΔW||_F^2 (or ||W||_F^2) in this tensor"),
 )
-COMPRESS_SCHEMA = pa.schema([(name, dtype) for name, dtype, _ in COMPRESS_COLUMNS])
+COMPRESS_SCHEMA = schema_of(COMPRESS_COLUMNS)
 
 
 @dataclass(frozen=True)

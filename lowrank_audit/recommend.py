@@ -12,7 +12,7 @@ import pyarrow as pa
 from lowrank_audit.errors import OptionError
 from lowrank_audit.formats import peft
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
-from lowrank_audit.report import build_frame
+from lowrank_audit.report import build_frame, schema_of
 
 RANKS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("name", pa.string(), "tensor name"),
@@ -23,7 +23,7 @@ RANKS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("energy_kept", pa.float64(), "share of ||W||_F^2 (or ||ΔW||_F^2) the top-rank components hold"),
     ("params", pa.int64(), "adapter parameters: rank * (rows + cols)"),
 )
-RANKS_SCHEMA = pa.schema([(name, dtype) for name, dtype, _ in RANKS_COLUMNS])
+RANKS_SCHEMA = schema_of(RANKS_COLUMNS)
 
 
 def layers_from_report(report: pd.DataFrame) -> list[LayerSpectrum]:

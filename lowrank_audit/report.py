@@ -52,7 +52,14 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("k", pa.int64(), "number of singular values computed (min(rows, cols) when exact)"),
     ("singular_values", pa.list_(pa.float64()), "the computed singular values, descending"),
 )
-SCHEMA = pa.schema([(name, dtype) for name, dtype, _ in COLUMNS])
+
+
+def schema_of(columns: Sequence[tuple[str, pa.DataType, str]]) -> pa.Schema:
+    """The Arrow schema of a report's ``(column, type, meaning)`` declarations."""
+    return pa.schema([(name, dtype) for name, dtype, _ in columns])
+
+
+SCHEMA = schema_of(COLUMNS)
 _PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.float64(): pd.Float64Dtype(), pa.string(): pd.StringDtype()}
 
 
@@ -147,5 +154,6 @@ __all__ = [
     "check_output_path",
     "file_digest",
     "read_report",
+    "schema_of",
     "write_report",
 ]
