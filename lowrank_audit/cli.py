@@ -27,6 +27,8 @@ from lowrank_audit.errors import LowrankAuditError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from lowrank_audit.ranks import RankPolicy
+
 app = typer.Typer(
     name="lowrank-audit",
     help="Spectral audits of neural-network checkpoints: singular values of every weight matrix or fine-tuning update.",
@@ -297,7 +299,10 @@ MethodOpt = Annotated[
 ]
 
 
-def _policy(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to):  # type: ignore[no-untyped-def]
+def _policy(
+    energy: float | None, rank: int | None, budget_params: int | None, avg_rank: float | None, min_rank: int,
+    max_rank: int | None, round_to: int,
+) -> RankPolicy:  # fmt: skip
     from lowrank_audit.ranks import RankPolicy
 
     return RankPolicy.create(

@@ -43,7 +43,14 @@ from lowrank_audit.checkpoint import Checkpoint, open_checkpoint
 from lowrank_audit.errors import CheckpointError, LowrankAuditError, OptionError
 from lowrank_audit.formats import lowrank, peft
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
-from lowrank_audit.report import build_frame, check_output_path, file_digest, schema_of, write_report
+from lowrank_audit.report import (
+    build_frame,
+    check_output_path,
+    file_digest,
+    refuse_overwriting_inputs,
+    schema_of,
+    write_report,
+)
 from lowrank_audit.selection import MatrixSpec, select_matrices, wanted
 from lowrank_audit.svd import DEFAULT_MAX_BATCH_MB, EngineConfig, Factors, factors, spectra
 
@@ -92,10 +99,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 def _prepare_out(out: Path, inputs: Sequence[Path], force: bool) -> Path:
     """A fresh temporary folder beside ``out``, after refusing outputs that clash with inputs."""
-    for path in inputs:
-        src, target = path.resolve(), out.resolve()
-        if target == src or (src.is_dir() and target.is_relative_to(src)) or src.is_relative_to(target):
-            raise OptionError(f"output {out} would overwrite input {path}; choose another --out")
+    refuse_overwriting_inputs(out, inputs)
     if out.exists() and not force:
         raise OptionError(f"output folder {out} exists; use --force to replace it")
     if out.exists() and not out.is_dir():

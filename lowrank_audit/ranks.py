@@ -38,6 +38,7 @@ class RankPolicy:
     energy: float | None = None
     rank: int | None = None
     budget_params: int | None = None
+    avg_rank: float | None = None  # a budget of avg_rank * sum(m + n) over the matrices allocated
     min_rank: int = 1
     max_rank: int | None = None
     round_to: int = 1
@@ -53,7 +54,7 @@ class RankPolicy:
         min_rank: int = 1,
         max_rank: int | None = None,
         round_to: int = 1,
-    ) -> RankPolicy | _AverageRank:
+    ) -> RankPolicy:
         """Validate options as a user spells them; ``energy`` 0.95 when no way is given.
 
         Raises:
@@ -76,30 +77,16 @@ class RankPolicy:
             raise OptionError(f"--max-rank {max_rank} is below --min-rank {min_rank}")
         if not chosen:
             energy = DEFAULT_ENERGY
-        policy = cls(energy, rank, budget_params, min_rank, max_rank, round_to)
-        return _AverageRank(policy, avg_rank) if avg_rank is not None else policy
+        return cls(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to)
 
     def describe(self) -> str:
         if self.rank is not None:
             return f"rank {self.rank}"
         if self.budget_params is not None:
             return f"budget {self.budget_params:,} parameters"
+        if self.avg_rank is not None:
+            return f"average rank {self.avg_rank}"
         return f"energy {self.energy}"
-
-
-@dataclass(frozen=True)
-class _AverageRank:
-    """``--avg-rank R``: a parameter budget once the matrices, and so sum(m + n), are known."""
-
-    policy: RankPolicy
-    avg_rank: float
-
-    def resolve(self, layers: Sequence[LayerSpectrum]) -> RankPolicy:
-        budget = int(self.avg_rank * sum(layer.rows + layer.cols for layer in layers))
-        return RankPolicy(None, None, budget, self.policy.min_rank, self.policy.max_rank, self.policy.round_to)
-
-    def describe(self) -> str:
-        return f"average rank {self.avg_rank}"
 
 
 @dataclass(frozen=True)
@@ -145,16 +132,14 @@ def _shape(k: int, layer: LayerSpectrum, policy: RankPolicy) -> int:
     return min(k, cap)
 
 
-def allocate(layers: Sequence[LayerSpectrum], policy: RankPolicy | _AverageRank) -> list[Allocation]:
+def allocate(layers: Sequence[LayerSpectrum], policy: RankPolicy) -> list[Allocation]:
     """One rank per matrix under ``policy``, in the order of ``layers``.
 
     Raises:
         OptionError: A spectrum holds too few values for the rank asked (a truncated
             report row), or a budget smaller than ``min_rank`` everywhere costs.
     """
-    if isinstance(policy, _AverageRank):
-        policy = policy.resolve(layers)
-    if policy.budget_params is not None:
+    if policy.budget_params is not None or policy.avg_rank is not None:
         ranks = _greedy(layers, policy)
     elif policy.rank is not None:
         ranks = [_shape(policy.rank, layer, policy) for layer in layers]
@@ -191,11 +176,14 @@ def _greedy(layers: Sequence[LayerSpectrum], policy: RankPolicy) -> list[int]:
     at the first chunk that does not fit: skipping it for a cheaper one further down would
     lose that guarantee.
     """
+    budget = policy.budget_params
+    if budget is None:
+        budget = int(policy.avg_rank * sum(layer.rows + layer.cols for layer in layers))
     ranks = [_shape(0, layer, policy) for layer in layers]
     spent = sum(k * (layer.rows + layer.cols) for k, layer in zip(ranks, layers, strict=True))
-    if spent > policy.budget_params:
+    if spent > budget:
         raise OptionError(
-            f"budget of {policy.budget_params:,} parameters is below the {spent:,} that --min-rank "
+            f"budget of {budget:,} parameters is below the {spent:,} that --min-rank "
             f"{policy.min_rank} costs on {len(layers)} matrices"
         )
     cap = [layer.side if policy.max_rank is None else min(layer.side, policy.max_rank) for layer in layers]
@@ -213,7 +201,7 @@ def _greedy(layers: Sequence[LayerSpectrum], policy: RankPolicy) -> list[int]:
     while heap:
         _, i, stop = heapq.heappop(heap)
         cost = (stop - ranks[i]) * (layers[i].rows + layers[i].cols)
-        if spent + cost > policy.budget_params:
+        if spent + cost > budget:
             break
         spent += cost
         ranks[i] = stop

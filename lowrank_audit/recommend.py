@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from lowrank_audit.audit import spectrum
 from lowrank_audit.errors import OptionError
 from lowrank_audit.formats import peft
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
-from lowrank_audit.report import build_frame, schema_of
+from lowrank_audit.report import build_frame, read_report, schema_of
 
 RANKS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("name", pa.string(), "tensor name"),
@@ -68,9 +69,6 @@ def peft_config(ranks: pd.DataFrame) -> dict[str, Any]:
 
 def load_source(source: Path, base: Path | None, **spectrum_options: Any) -> pd.DataFrame:
     """A spectrum report read from ``source`` (``.parquet``) or computed from a checkpoint."""
-    from lowrank_audit.audit import spectrum
-    from lowrank_audit.report import read_report
-
     if source.suffix == ".parquet":
         if base is not None:
             raise OptionError(f"{source} is a report: --base applies only when SOURCE is a checkpoint")

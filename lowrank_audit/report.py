@@ -89,18 +89,27 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
-def check_output_path(out: Path, inputs: Iterable[Path]) -> None:
-    """Refuse an output path that is, or lies inside, an input: inputs are never overwritten.
+def refuse_overwriting_inputs(out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an output that is an input, lies inside an input folder, or contains an input.
 
     Raises:
-        OptionError: ``out`` is an input file, an input folder, or inside one.
+        OptionError: Writing ``out`` could touch an input.
     """
     target = out.resolve()
     for path in inputs:
         src = path.resolve()
-        if target == src or (src.is_dir() and target.is_relative_to(src)):
+        if target == src or (src.is_dir() and target.is_relative_to(src)) or src.is_relative_to(target):
             raise OptionError(f"output {out} would overwrite input {path}; choose another --out")
-    if target.is_dir():
+
+
+def check_output_path(out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse a report path that could overwrite an input, or that is a folder.
+
+    Raises:
+        OptionError: ``out`` is an input file, an input folder, inside or around one, or a folder.
+    """
+    refuse_overwriting_inputs(out, inputs)
+    if out.resolve().is_dir():
         raise OptionError(f"output {out} is a folder; give a file name such as {out / 'report.parquet'}")
 
 
@@ -154,6 +163,7 @@ __all__ = [
     "check_output_path",
     "file_digest",
     "read_report",
+    "refuse_overwriting_inputs",
     "schema_of",
     "write_report",
 ]

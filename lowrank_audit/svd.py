@@ -395,9 +395,9 @@ def factors(
             # clone: a view would keep the whole batch's U and Vh alive.
             yield Factors(spec, j if len(spec.shape) == 3 else None, u[row, :, :r].cpu().clone(),
                           s[row, :r].cpu().clone(), vh[row, :r].cpu().clone(), method)  # fmt: skip
-        ckpt.release()
-        if base is not None:
-            base.release()
+    ckpt.release()
+    if base is not None:
+        base.release()
 
 
 def _stored_bytes(spec: MatrixSpec, with_base: bool) -> int:
