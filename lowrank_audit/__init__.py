@@ -15,11 +15,14 @@ _EXPORTS = {
     "open_checkpoint": "lowrank_audit.checkpoint",
     "read_report": "lowrank_audit.report",
     "write_report": "lowrank_audit.report",
+    "check": "lowrank_audit.policy",
+    "load_policy": "lowrank_audit.policy",
     "LowrankAuditError": "lowrank_audit.errors",
     "CheckpointError": "lowrank_audit.errors",
     "ShapeMismatchError": "lowrank_audit.errors",
     "NoMatricesSelected": "lowrank_audit.errors",
     "OptionError": "lowrank_audit.errors",
+    "PolicyError": "lowrank_audit.errors",
     "UnpairedTensorsWarning": "lowrank_audit.errors",
 }
 __all__ = ["__version__", *_EXPORTS]
@@ -32,9 +35,11 @@ if TYPE_CHECKING:
         LowrankAuditError,
         NoMatricesSelected,
         OptionError,
+        PolicyError,
         ShapeMismatchError,
         UnpairedTensorsWarning,
     )
+    from lowrank_audit.policy import check, load_policy
     from lowrank_audit.report import read_report, write_report
 
 

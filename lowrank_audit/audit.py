@@ -14,9 +14,9 @@ import torch
 
 from lowrank_audit import __version__
 from lowrank_audit.checkpoint import Checkpoint, open_checkpoint
-from lowrank_audit.errors import UnpairedTensorsWarning
+from lowrank_audit.errors import OptionError, UnpairedTensorsWarning
 from lowrank_audit.metrics import matrix_metrics
-from lowrank_audit.report import build_frame, file_digest
+from lowrank_audit.report import build_frame, file_digest, read_report
 from lowrank_audit.selection import select_matrices
 from lowrank_audit.svd import DEFAULT_MAX_BATCH_MB, EngineConfig, MatrixResult, Progress, spectra
 
@@ -147,4 +147,23 @@ def spectrum(
     return build_frame(rows, metadata)
 
 
-__all__ = ["spectrum"]
+def load_spectrum(source: str | Path, base: str | Path | None = None, **options: Any) -> pd.DataFrame:
+    """A spectrum report: read from ``source`` when it is a ``.parquet`` report, else computed.
+
+    Args:
+        source: A report written by ``spectrum --out``, or a checkpoint.
+        base: With a checkpoint, audit ``source - base`` (a report already says what it holds).
+        options: Keyword options of :func:`spectrum`, used when it runs.
+
+    Raises:
+        OptionError: ``base`` given with a report.
+    """
+    source = Path(source)
+    if source.suffix == ".parquet":
+        if base is not None:
+            raise OptionError(f"{source} is a report: --base applies only when SOURCE is a checkpoint")
+        return read_report(source)
+    return spectrum(source, base, **options)
+
+
+__all__ = ["load_spectrum", "spectrum"]

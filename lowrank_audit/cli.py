@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lowrank_audit import __version__
@@ -66,9 +67,10 @@ def user_errors() -> Iterator[None]:
             warnings.simplefilter("always")
             yield
         for w in caught:
-            err_console.print(f"[yellow]Warning:[/] {w.message}", highlight=False)
+            err_console.print(f"[yellow]Warning:[/] {escape(str(w.message))}", highlight=False)
     except LowrankAuditError as err:
-        err_console.print(f"[red]Error:[/] {err}", highlight=False, soft_wrap=True)
+        # escape: tensor names and TOML keys hold brackets that rich would read as markup
+        err_console.print(f"[red]Error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(err.exit_code) from None
 
 
@@ -94,7 +96,7 @@ def _missing(value: Any) -> bool:
 
 
 def _fmt(value: Any, pattern: str) -> str:
-    return "—" if _missing(value) else pattern.format(value)
+    return "—" if _missing(value) else escape(pattern.format(value))
 
 
 def _summary_table(frame: pd.DataFrame, top: int) -> Table:
@@ -111,7 +113,7 @@ def _summary_table(frame: pd.DataFrame, top: int) -> Table:
     for row in ranked.to_dict("records"):
         name = row["module"] + ("" if _missing(row["expert"]) else f"[{row['expert']}]")
         row["matrix"] = f"{row['rows']}×{row['cols']}"
-        table.add_row(name, *(_fmt(row[col], fmt) for col, _, fmt in _TABLE))
+        table.add_row(escape(name), *(_fmt(row[col], fmt) for col, _, fmt in _TABLE))
     return table
 
 
@@ -351,17 +353,18 @@ def recommend(
     Example: lowrank-audit recommend finetuned.safetensors --base base.safetensors --avg-rank 8 --peft-config adapter_config.json
     """
     with user_errors():
-        from lowrank_audit.recommend import RANKS_SCHEMA, load_source
+        from lowrank_audit.audit import load_spectrum
+        from lowrank_audit.recommend import RANKS_SCHEMA
         from lowrank_audit.recommend import peft_config as to_peft_config
         from lowrank_audit.recommend import recommend as run_recommend
-        from lowrank_audit.report import check_output_path, write_report
+        from lowrank_audit.report import check_output_path, write_report, write_text
 
         policy = _policy(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to)
         inputs = [source] + ([base] if base else [])
-        for path in (out, peft_config):
+        for path, option in ((out, "--out"), (peft_config, "--peft-config")):
             if path is not None:
-                check_output_path(path, inputs)
-        report = load_source(source, base, method=method, device=device)
+                check_output_path(path, inputs, option=option)
+        report = load_spectrum(source, base, method=method, device=device)
         ranks = run_recommend(report, policy)
         columns = (("name", "layer", "{}"), ("rows", "rows", "{}"), ("cols", "cols", "{}"), ("rank", "rank", "{}"),
                    ("energy_kept", "energy kept", "{:.1%}"), ("params", "params", "{:,}"))  # fmt: skip
@@ -372,8 +375,7 @@ def recommend(
             write_report(ranks, out, schema=RANKS_SCHEMA)
             line += f"; ranks written to {out}"
         if peft_config is not None:
-            peft_config.parent.mkdir(parents=True, exist_ok=True)
-            peft_config.write_text(json.dumps(to_peft_config(ranks), indent=2) + "\n")
+            write_text(peft_config, json.dumps(to_peft_config(ranks), indent=2) + "\n")
             line += f"; PEFT config written to {peft_config}"
         out_console.print(line, highlight=False, soft_wrap=True)
 

@@ -44,6 +44,7 @@ from lowrank_audit.errors import CheckpointError, LowrankAuditError, OptionError
 from lowrank_audit.formats import lowrank, peft
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
 from lowrank_audit.report import (
+    atomic_path,
     build_frame,
     check_output_path,
     file_digest,
@@ -488,13 +489,8 @@ def expand(path: str | Path, out: str | Path, *, force: bool = False) -> Path:
                     tensors[matrix] = lowrank.dense(f.get_tensor(a_name), f.get_tensor(b_name), layout[matrix])
             else:
                 tensors[name] = f.get_tensor(name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         save_file(dict(sorted(tensors.items())), tmp, metadata={"format": "pt"})
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

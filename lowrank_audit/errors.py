@@ -27,3 +27,7 @@ class OptionError(LowrankAuditError, ValueError):
 
 class UnpairedTensorsWarning(UserWarning):
     """With a base checkpoint, some tensor names exist on one side only; they are skipped."""
+
+
+class PolicyError(LowrankAuditError, ValueError):
+    """A check policy is malformed; the message names the file and the key."""

@@ -57,14 +57,19 @@ def effective_rank(s: np.ndarray) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
+def rank_above(s: np.ndarray, rtol: float) -> int:
+    """Count of singular values above ``rtol * s[0]``; 0 for the zero matrix."""
+    if not len(s) or s[0] <= 0.0:
+        return 0
+    return int(np.count_nonzero(s > s[0] * rtol))
+
+
 def numerical_rank(s: np.ndarray, rows: int, cols: int, eps: float) -> int:
     """Count of ``s > s[0] * max(rows, cols) * eps``: LAPACK's and NumPy's ``matrix_rank`` rule.
 
     ``eps`` is the machine epsilon of the dtype the decomposition ran in.
     """
-    if not len(s) or s[0] <= 0.0:
-        return 0
-    return int(np.count_nonzero(s > s[0] * max(rows, cols) * eps))
+    return rank_above(s, max(rows, cols) * eps)
 
 
 _GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(80)
@@ -166,6 +171,7 @@ __all__ = [
     "matrix_metrics",
     "numerical_rank",
     "optimal_threshold_coefficient",
+    "rank_above",
     "signal_rank",
     "stable_rank",
 ]

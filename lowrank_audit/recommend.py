@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from lowrank_audit.audit import spectrum
 from lowrank_audit.errors import OptionError
 from lowrank_audit.formats import peft
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
-from lowrank_audit.report import build_frame, read_report, schema_of
+from lowrank_audit.report import build_frame, schema_of
 
 RANKS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("name", pa.string(), "tensor name"),
@@ -67,13 +65,4 @@ def peft_config(ranks: pd.DataFrame) -> dict[str, Any]:
     return peft.lora_config(dict(zip(ranks["module"], (int(r) for r in ranks["rank"]), strict=True)))
 
 
-def load_source(source: Path, base: Path | None, **spectrum_options: Any) -> pd.DataFrame:
-    """A spectrum report read from ``source`` (``.parquet``) or computed from a checkpoint."""
-    if source.suffix == ".parquet":
-        if base is not None:
-            raise OptionError(f"{source} is a report: --base applies only when SOURCE is a checkpoint")
-        return read_report(source)
-    return spectrum(source, base, **spectrum_options)
-
-
-__all__ = ["RANKS_COLUMNS", "RANKS_SCHEMA", "layers_from_report", "load_source", "peft_config", "recommend"]
+__all__ = ["RANKS_COLUMNS", "RANKS_SCHEMA", "layers_from_report", "peft_config", "recommend"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
-def refuse_overwriting_inputs(out: Path, inputs: Iterable[Path]) -> None:
+def refuse_overwriting_inputs(out: Path, inputs: Iterable[Path], *, option: str = "--out") -> None:
     """Refuse an output that is an input, lies inside an input folder, or contains an input.
 
     Raises:
@@ -99,18 +100,31 @@ def refuse_overwriting_inputs(out: Path, inputs: Iterable[Path]) -> None:
     for path in inputs:
         src = path.resolve()
         if target == src or (src.is_dir() and target.is_relative_to(src)) or src.is_relative_to(target):
-            raise OptionError(f"output {out} would overwrite input {path}; choose another --out")
+            raise OptionError(f"output {out} would overwrite input {path}; choose another {option}")
 
 
-def check_output_path(out: Path, inputs: Iterable[Path]) -> None:
+def check_output_path(out: Path, inputs: Iterable[Path], *, option: str = "--out") -> None:
     """Refuse a report path that could overwrite an input, or that is a folder.
 
     Raises:
         OptionError: ``out`` is an input file, an input folder, inside or around one, or a folder.
     """
-    refuse_overwriting_inputs(out, inputs)
+    refuse_overwriting_inputs(out, inputs, option=option)
     if out.resolve().is_dir():
         raise OptionError(f"output {out} is a folder; give a file name such as {out / 'report.parquet'}")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed onto ``path`` when the block ends
+    without error, removed otherwise, so ``path`` is never left half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_report(frame: pd.DataFrame, path: str | Path, *, schema: pa.Schema = SCHEMA) -> Path:
@@ -125,16 +139,19 @@ def write_report(frame: pd.DataFrame, path: str | Path, *, schema: pa.Schema = S
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     meta = json.dumps(frame.attrs.get(METADATA_KEY, {}), sort_keys=True, default=str)
     table = table.replace_schema_metadata({METADATA_KEY: meta})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file (UTF-8) atomically, like :func:`write_report`."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -159,6 +176,7 @@ __all__ = [
     "COLUMNS",
     "METADATA_KEY",
     "SCHEMA",
+    "atomic_path",
     "build_frame",
     "check_output_path",
     "file_digest",
@@ -166,4 +184,5 @@ __all__ = [
     "refuse_overwriting_inputs",
     "schema_of",
     "write_report",
+    "write_text",
 ]

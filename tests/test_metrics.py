@@ -82,6 +82,15 @@ def test_numerical_rank_matches_numpy_matrix_rank():
     assert metrics.numerical_rank(s, 40, 30, 0.0) > rank
 
 
+def test_rank_above_a_relative_tolerance_matches_numpy():
+    w = low_rank_plus_noise(50, 40, 6, 1e-3, seed=11).numpy()  # s = 10, 5, ..., 0.3125, then noise below 0.012
+    s = reference_singular_values(w)
+    for rtol in (1e-4, 1e-2, 0.1, 0.5):
+        assert metrics.rank_above(s, rtol) == np.linalg.matrix_rank(w, tol=rtol * s[0])
+    assert metrics.rank_above(s, 1e-2) == 6 and metrics.rank_above(s, 1e-5) == 40
+    assert metrics.rank_above(np.zeros(3), 0.5) == 0 and metrics.rank_above(np.array([]), 0.5) == 0
+
+
 def test_marchenko_pastur_median_and_threshold_match_gavish_donoho():
     # Gavish & Donoho (2014), Table / eq. (5): omega(1) = 2.858 and the cubic fit
     # 0.56 b^3 - 0.95 b^2 + 1.82 b + 1.43, accurate to about 1 % for b >= 0.05.

@@ -1,0 +1,274 @@
+"""The check policy: reading TOML, each rule against float64 references, and refusals."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowrank_audit
+from lowrank_audit.errors import OptionError, PolicyError
+from lowrank_audit.policy import TABLE, check, load_policy, parse_policy
+from lowrank_audit.rules import DEFAULT_TOLERANCE, relative_change
+from tests.conftest import SAMPLES, SV_ATOL, reference_singular_values
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+FT, BASE = SAMPLES / "finetuned.safetensors", SAMPLES / "base.safetensors"
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return lowrank_audit.spectrum(FT, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def base_weights():
+    return lowrank_audit.spectrum(BASE, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def delta():
+    return lowrank_audit.spectrum(FT, base=BASE, device="cpu")
+
+
+def policy(text: str):
+    return parse_policy(tomllib.loads(text), file="test.toml")
+
+
+def failing_layers(result, rule_index: int) -> list[str]:
+    return [f.layer for f in result.results[rule_index].findings]
+
+
+def test_the_issue_example_read_from_pyproject(tmp_path, weights):
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "model"\n\n[tool.lowrank-audit.check]\nforbid-nonfinite = true\n\n'
+        '[[tool.lowrank-audit.check.rule]]\ncolumn = "stable_rank"\nlayers = "*attn*"\nmax = 64\n'
+    )
+    found = load_policy(start=tmp_path / "a" / "b")  # searched upwards, like ruff
+    assert found.source == f"{tmp_path / 'pyproject.toml'} [tool.lowrank-audit.check]"
+    result = check(weights, found)
+    assert [r.rule for r in result.results] == [
+        "forbid-nonfinite", "stable_rank ≤ 64 on layers *attn*", "forbid-added-layers", "forbid-removed-layers",
+    ]  # fmt: skip
+    assert result.passed and [r.checked for r in result.results[:2]] == [16, 8]
+    assert [r.status for r in result.results[2:]] == ["skipped", "skipped"]  # no baseline
+
+
+def test_nearest_pyproject_with_the_table_wins(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("[tool.lowrank-audit.check]\nforbid-nonfinite = false\n")
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "inner" / "pyproject.toml").write_text('[project]\nname = "x"\n')  # no table: passed over
+    assert [r.label for r in load_policy(start=tmp_path / "inner").rules] == [
+        "forbid-added-layers", "forbid-removed-layers",
+    ]  # fmt: skip
+    (tmp_path / "inner" / "pyproject.toml").write_text("[tool.lowrank-audit.check]\n")
+    assert load_policy(start=tmp_path / "inner").rules[0].label == "forbid-nonfinite"
+
+
+def test_a_standalone_file_holds_the_keys_at_top_level(tmp_path):
+    path = tmp_path / "gate.toml"
+    path.write_text('[[rule]]\ncolumn = "k95"\nmax = 3\n')
+    assert load_policy(path).rules[1].label == "k95 ≤ 3"
+    path.write_text("[tool.ruff]\nline-length = 1\n")
+    with pytest.raises(PolicyError, match=r"gate.toml: has a \[tool\] table but no \[tool.lowrank-audit.check\]"):
+        load_policy(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("forbid-nonfinit = true", r"forbid-nonfinit: unknown key; expected one of: adapter-rank, drift, "),
+        ("forbid-nonfinite = 1", r"forbid-nonfinite: must be a boolean but got 1 \(integer\)"),
+        ('[[rule]]\ncolumn = "stable_rank"\nmax = "64"', r"rule\[1\]\.max: must be a finite number but got '64'"),
+        ('[[rule]]\ncolumn = "k95"\nmax = inf', r"rule\[1\]\.max: must be a finite number but got inf"),
+        ('[[rule]]\ncolumn = "k95"\nmax = 3\ncolour = 1', r"rule\[1\]\.colour: unknown key"),
+        ('[[rule]]\ncolumn = "k95"\nmax = 3\n[[rule]]\ncolumn = "name"\nmax = 1', r"rule\[2\]\.column: 'name' is not"),
+        ('[[rule]]\ncolumn = "k95"', r"rule\[1\]\.max: missing; a rule needs min, max or both"),
+        ("[[rule]]\nmax = 3", r"rule\[1\]\.column: missing; it must be a string"),
+        ('[[rule]]\ncolumn = "k95"\nmin = 5\nmax = 3', r"rule\[1\]\.min: 5 is above max 3"),
+        ('[[rule]]\ncolumn = "k95"\nmax = 3\nlayers = "model.[ab"', r"rule\[1\]\.layers: bad glob: '\[' at position 6"),
+        ('[[rule]]\ncolumn = "k95"\nmax = 3\nroles = ["q_proj", 3]', r"rule\[1\]\.roles: must be a glob or an array"),
+        ('[[rule]]\ncolumn = "k95"\nmax = 3\nlayers = ""', r"rule\[1\]\.layers: bad glob: an empty glob"),
+        ('[[rule]]\ncolumn = "spectral_norm"\nmax = 3\nrelative = true', r"rule\[1\]\.relative: applies to rank"),
+        ('[[rule]]\ncolumn = "k95"\nmax = 3\nmissing = "ignore"', r"rule\[1\]\.missing: 'ignore' is not one of"),
+        ("[adapter-rank]\nrank = 16\ntolerance = 2", r"adapter-rank\[1\]\.tolerance: must be between 0 and 1"),
+        ("[adapter-rank]\nrank = 16.5", r"adapter-rank\[1\]\.rank: must be an integer but got 16.5 \(float\)"),
+        ('[[drift]]\ncolumn = "k95"\nmax = -1', r"drift\[1\]\.max: must be at least 0"),
+        ('[[drift]]\ncolumn = "k95"', r"drift\[1\]\.max: missing"),
+        ("rule = 3", r"rule: must be an array of tables \(\[\[rule\]\]\) but got 3"),
+    ],
+)
+def test_malformed_policies_name_the_key(text, message):
+    with pytest.raises(PolicyError, match=r"^test.toml: " + message):
+        policy(text)
+
+
+def test_keys_in_pyproject_errors_carry_the_full_path(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[[tool.lowrank-audit.check.rule]]\ncolumn = "k95"\nmaxx = 3\n')
+    with pytest.raises(PolicyError, match=r"tool\.lowrank-audit\.check\.rule\[1\]\.maxx: unknown key"):
+        load_policy(start=tmp_path)
+    (tmp_path / "pyproject.toml").write_text("[tool]\nlowrank-audit = 3\n")
+    with pytest.raises(PolicyError, match=r"tool\.lowrank-audit: must be a table"):
+        load_policy(start=tmp_path)
+    (tmp_path / "pyproject.toml").write_text("[tool.lowrank-audit.check\n")
+    with pytest.raises(PolicyError, match=r"pyproject.toml: not valid TOML"):
+        load_policy(start=tmp_path)
+    assert TABLE == ("tool", "lowrank-audit", "check")
+
+
+def test_bounds_against_the_report_and_by_hand(weights):
+    result = check(weights, policy('[[rule]]\ncolumn = "stable_rank"\nlayers = "*self_attn*"\nmax = 11'))
+    attn = weights[weights["name"].str.contains("self_attn")]
+    assert failing_layers(result, 1) == sorted(attn.loc[attn["stable_rank"] > 11, "name"])
+    assert len(failing_layers(result, 1)) == 3 and result.results[1].checked == 8
+    # Negative control: a bound one step looser holds everywhere.
+    loose = float(attn["stable_rank"].max())
+    assert check(weights, policy(f'[[rule]]\ncolumn = "stable_rank"\nlayers = "*self_attn*"\nmax = {loose}')).passed
+
+
+def test_relative_bound_roles_and_min(weights):
+    result = check(
+        weights, policy('[[rule]]\ncolumn = "k95"\nrelative = true\nroles = ["o_proj", "v_proj"]\nmin = 0.5')
+    )
+    rows = weights[weights["role"].isin(["o_proj", "v_proj"])]
+    want = sorted(rows.loc[rows["k95"] / np.minimum(rows["rows"], rows["cols"]) < 0.5, "name"])
+    assert failing_layers(result, 1) == want == ["model.layers.0.self_attn.o_proj.weight"]
+    assert result.results[1].findings[0].value == pytest.approx(31 / 64)
+
+
+def test_a_rule_matching_nothing_fails(weights):
+    result = check(weights, policy('[[rule]]\ncolumn = "k95"\nlayers = "*atention*"\nmax = 1000'))
+    assert not result.passed
+    assert result.results[1].findings[0].message == "matches no layer of the report"
+
+
+def test_empty_figures_fail_unless_told_to_skip(weights):
+    truncated = lowrank_audit.spectrum(FT, device="cpu", method="randomized", rank_cap=8)
+    assert truncated["effective_rank"].isna().all()
+    result = check(truncated, policy('[[rule]]\ncolumn = "effective_rank"\nmax = 1000'))
+    assert len(result.results[1].findings) == 16
+    assert "only the top" in result.results[1].findings[0].message and "--method exact" in result.findings[0].message
+    assert check(truncated, policy('[[rule]]\ncolumn = "effective_rank"\nmax = 1000\nmissing = "skip"')).passed
+    assert check(weights, policy('[[rule]]\ncolumn = "effective_rank"\nmax = 1000')).passed  # exact: filled
+
+
+def test_nonfinite_matrices_are_found(tmp_path):
+    tensors = load_file(FT)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = math.nan
+    save_file(tensors, tmp_path / "nan.safetensors")
+    report = lowrank_audit.spectrum(tmp_path / "nan.safetensors", device="cpu")
+    result = check(report)
+    assert [(f.layer, f.value) for f in result.findings] == [("model.layers.1.mlp.up_proj.weight", 1.0)]
+    assert check(report, policy("forbid-nonfinite = false")).passed  # negative control: the rule is what fails
+
+
+def test_claimed_rank_of_a_full_fine_tune_fails_with_reference_counts(delta):
+    result = check(delta, policy("[adapter-rank]\nrank = 16"))
+    ft, base = load_file(FT), load_file(BASE)
+    assert len(result.findings) == 16  # a full fine-tune: no update is rank 16
+    for finding in result.findings:
+        ref = reference_singular_values(ft[finding.layer].double() - base[finding.layer].double())
+        margin = np.min(np.abs(ref / ref[0] - DEFAULT_TOLERANCE))
+        assert margin > SV_ATOL[torch.float32], "reference too close to the tolerance for an exact count"
+        assert finding.value == np.count_nonzero(ref > DEFAULT_TOLERANCE * ref[0]) > 16
+
+
+def merged(tmp_path, rank: int, dtype: torch.dtype, share: float = 0.05):
+    """Base and base + a rank-``rank`` update of ``share`` of each matrix's norm, stored in ``dtype``."""
+    base, gen = load_file(BASE), torch.Generator().manual_seed(rank)
+    ft = {}
+    for name, w in base.items():
+        if w.ndim == 2:
+            update = torch.randn(w.shape[0], rank, generator=gen, dtype=torch.float64) @ torch.randn(
+                rank, w.shape[1], generator=gen, dtype=torch.float64
+            )
+            w = w.double() + update * share * float(w.norm()) / float(update.norm())
+        ft[name] = w.to(dtype)
+    paths = tmp_path / f"base-{dtype}.safetensors", tmp_path / f"merged-{rank}-{dtype}.safetensors"
+    save_file({n: t.to(dtype) for n, t in base.items()}, paths[0])
+    save_file(ft, paths[1])
+    return paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_claimed_rank_of_a_merged_lora_holds(tmp_path, dtype):
+    base, ft = merged(tmp_path, 4, dtype)
+    report = lowrank_audit.spectrum(ft, base=base, device="cpu")
+    assert check(report, policy("[adapter-rank]\nrank = 4")).passed
+    # Negative control: claiming one less fails on every matrix, each with rank 4.
+    result = check(report, policy("[adapter-rank]\nrank = 3"))
+    assert [f.value for f in result.findings] == [4.0] * 16
+
+
+def test_claimed_rank_of_a_bfloat16_merge_needs_a_looser_tolerance(tmp_path):
+    """The documented limit: bf16 rounding of a 5 % update is above 1e-2 of sigma_1 here."""
+    base, ft = merged(tmp_path, 4, torch.bfloat16)
+    report = lowrank_audit.spectrum(ft, base=base, device="cpu")
+    assert not check(report, policy("[adapter-rank]\nrank = 4")).passed
+    assert check(report, policy("[adapter-rank]\nrank = 4\ntolerance = 0.1")).passed
+
+
+def test_claimed_rank_scope_and_weights(weights, delta):
+    result = check(delta, policy('[[adapter-rank]]\nrank = 60\nroles = "*_proj"\nname = "r60"'))
+    assert result.results[1].rule == "r60" and result.results[1].checked == 14
+    # 62 and 63 values above 1e-2; embed_tokens has 62 too but is not a *_proj.
+    assert failing_layers(result, 1) == ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    skipped = check(weights, policy("[adapter-rank]\nrank = 60")).results[1]
+    assert skipped.status == "skipped" and "--base" in skipped.skipped
+
+
+def test_drift_against_a_baseline_matches_float64_references(weights, base_weights):
+    result = check(weights, policy('[[drift]]\ncolumn = "spectral_norm"\nmax = 0.05'), baseline=base_weights)
+    ft, base = load_file(FT), load_file(BASE)
+    want, tolerance = {}, {}
+    for name in weights["name"]:
+        new, old = (reference_singular_values(t[name])[0] for t in (ft, base))
+        change = abs(new - old) / old
+        # Each float32 sigma_1 is within SV_ATOL of its own value; the ratio moves by at most this.
+        tolerance[name] = SV_ATOL[torch.float32] * (new + old) / old
+        assert abs(change - 0.05) > tolerance[name], "reference too close to the limit"
+        if change > 0.05:
+            want[name] = change
+    got = {f.layer: f.value for f in result.results[1].findings}
+    assert sorted(got) == sorted(want) and len(got) == 4
+    for name, change in want.items():
+        assert got[name] == pytest.approx(change, abs=tolerance[name])
+    assert result.results[1].checked == 16
+    # Negative control: the same report against itself does not drift.
+    assert check(weights, policy('[[drift]]\ncolumn = "spectral_norm"\nmax = 0'), baseline=weights).passed
+
+
+def test_added_and_removed_layers(weights, base_weights):
+    fewer = base_weights[base_weights["name"] != "lm_head.weight"]
+    result = check(weights, baseline=fewer)
+    assert [(r.rule, [f.layer for f in r.findings]) for r in result.results] == [
+        ("forbid-nonfinite", []), ("forbid-added-layers", ["lm_head.weight"]), ("forbid-removed-layers", []),
+    ]  # fmt: skip
+    removed = check(fewer, baseline=base_weights).results[2]
+    assert [f.layer for f in removed.findings] == ["lm_head.weight"]
+    assert check(weights, policy("forbid-added-layers = false"), baseline=fewer).passed
+
+
+def test_baseline_of_another_kind_is_refused(weights, delta):
+    with pytest.raises(OptionError, match="the baseline holds weight rows but the source delta rows"):
+        check(delta, baseline=weights)
+
+
+def test_relative_change():
+    assert relative_change(2.0, 3.0) == 0.5 and relative_change(-2.0, -1.0) == 0.5
+    assert relative_change(0.0, 0.0) == 0.0 and relative_change(0.0, 1e-30) == math.inf
+
+
+def test_same_findings_from_a_checkpoint_and_its_report(tmp_path, delta):
+    lowrank_audit.write_report(delta, tmp_path / "d.parquet")
+    rules = policy('[[rule]]\ncolumn = "k95"\nmax = 12\n[adapter-rank]\nrank = 50')
+    from_file = check(lowrank_audit.read_report(tmp_path / "d.parquet"), rules)
+    assert from_file == check(delta, rules) and len(from_file.findings) > 10
