@@ -28,6 +28,7 @@ from lowrank_audit.errors import LowrankAuditError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from lowrank_audit.policy import CheckResult
     from lowrank_audit.ranks import RankPolicy
 
 app = typer.Typer(
@@ -473,6 +474,139 @@ def expand(
 
         written = run_expand(source, out, force=force)
         out_console.print(f"dense checkpoint written to {written}", highlight=False, soft_wrap=True)
+
+
+_STATUS = {"passed": "[green]pass[/]", "failed": "[red]FAIL[/]", "skipped": "[yellow]skip[/]"}
+
+
+def _check_tables(result: CheckResult, top: int) -> list[Table]:
+    rules = Table(title="Rules", box=box.SIMPLE_HEAD, title_justify="left")
+    for heading in ("", "rule", "layers", "findings"):
+        rules.add_column(heading, justify="right" if heading in ("layers", "findings") else "left")
+    for r in result.results:
+        checked, found = ("—", r.skipped or "") if r.skipped else (str(r.checked), str(len(r.findings)))
+        rules.add_row(_STATUS[r.status], escape(r.rule), checked, escape(found))
+    findings = Table(title="Findings", box=box.SIMPLE_HEAD, title_justify="left", expand=True)
+    findings.add_column("rule", overflow="fold", ratio=1)
+    findings.add_column("layer", overflow="fold", ratio=2, min_width=24)
+    findings.add_column("value", justify="right", no_wrap=True)
+    findings.add_column("limit", no_wrap=True)
+    for f in result.findings[:top]:
+        findings.add_row(*(escape(text) for text in (f.rule, f.layer, f.shown, f.limit)))
+    return [rules, findings] if result.findings and top else [rules]
+
+
+def _check_json(result: CheckResult) -> str:
+    from dataclasses import asdict
+
+    rules = [
+        asdict(r) | {"status": r.status, "findings": [asdict(f) | {"value": _json_value(f.value)} for f in r.findings]}
+        for r in result.results
+    ]
+    summary = {"passed": result.passed, "source": result.source, "baseline": result.baseline,
+               "policy": result.policy, "rules": rules}  # fmt: skip
+    return json.dumps(summary, indent=2, allow_nan=False, ensure_ascii=False)
+
+
+@app.command()
+def check(
+    source: Annotated[
+        Path, typer.Argument(help="A spectrum report (.parquet) or a checkpoint to audit first.", show_default=False)
+    ],
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base", "-b", help="Base checkpoint: check the update SOURCE - BASE (adapter-rank rules need it)."
+        ),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="An earlier spectrum report of the same kind (the last release's): drift and added/removed-layer rules run against it; without it they are skipped."
+        ),
+    ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="Policy file (TOML). Default: the [tool.lowrank-audit.check] table of the nearest pyproject.toml from the working directory up; the built-in rules (no NaN/Inf) when there is none."
+        ),
+    ] = None,
+    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here: one test case per rule.")] = None,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Write a Markdown summary here (append it to $GITHUB_STEP_SUMMARY).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="With a checkpoint SOURCE: also write its spectrum report here (the next release's baseline).",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON on stdout instead of tables.")
+    ] = False,
+    method: MethodOpt = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].")] = "auto",
+    top: Annotated[int, typer.Option(help="Findings shown in the table (the files hold them all).", min=0)] = 30,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Gate a release: check its spectra against a policy; exit 0 when every rule holds, 1 when one fails, 2 on bad input.
+
+    Rules bound any numeric report column per layer (glob on names or roles), claim an adapter rank for an update (--base), limit drift against the last release's report (--baseline) and forbid NaN/Inf. See the README for every policy key.
+
+    Example: lowrank-audit check release/ --baseline last-release.parquet --junit check.xml --markdown summary.md
+    """
+    with user_errors():
+        from lowrank_audit.audit import load_spectrum
+        from lowrank_audit.errors import OptionError
+        from lowrank_audit.formats.ci import junit_xml
+        from lowrank_audit.formats.ci import markdown as to_markdown
+        from lowrank_audit.policy import check as run_check
+        from lowrank_audit.policy import load_policy
+        from lowrank_audit.report import check_output_path, read_report, write_report, write_text
+
+        inputs = [p for p in (source, base, baseline, policy) if p is not None]
+        for path, option in ((out, "--out"), (junit, "--junit"), (markdown, "--markdown")):
+            if path is not None:
+                check_output_path(path, inputs, option=option)
+        if out is not None and source.suffix == ".parquet":
+            raise OptionError(f"{source} is already a report; --out applies only when SOURCE is a checkpoint")
+        rules = load_policy(policy)
+        before = read_report(baseline) if baseline is not None else None
+        started = time.perf_counter()
+        with _progress_bar(not quiet and err_console.is_terminal and source.suffix != ".parquet") as progress:
+            report = load_spectrum(source, base, method=method, device=device, progress=progress,
+                                   command=shlex.join(["lowrank-audit", *sys.argv[1:]]))  # fmt: skip
+        result = run_check(report, rules, baseline=before)
+        seconds = time.perf_counter() - started
+        if out is not None:
+            write_report(report, out)
+        if junit is not None:
+            write_text(junit, junit_xml(result, seconds=seconds))
+        if markdown is not None:
+            write_text(markdown, to_markdown(result))
+        if as_json:
+            print(_check_json(result))
+        else:
+            for table in _check_tables(result, top):
+                out_console.print(table)
+            _check_summary(result, top)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def _check_summary(result: CheckResult, top: int) -> None:
+    if len(result.findings) > top:
+        out_console.print(f"{len(result.findings) - top} more findings not shown (--top, or --junit/--json for all)")
+    rules, skipped = len(result.results), result.count("skipped")
+    if result.passed:
+        line = f"[green]passed[/]: {rules - skipped} of {rules} rules hold" + (
+            f", {skipped} skipped" if skipped else ""
+        )
+    else:
+        line = f"[red]FAILED[/]: {result.count('failed')} of {rules} rules broken, {len(result.findings)} findings"
+    out_console.print(f"{line}; policy: {escape(result.policy)}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

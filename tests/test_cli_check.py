@@ -1,0 +1,247 @@
+"""``lowrank-audit check`` from the command line: exit codes, JUnit, Markdown, and the CI workflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from lowrank_audit.cli import app
+from lowrank_audit.report import read_report
+from tests.conftest import SAMPLES
+
+ROOT = SAMPLES.parent
+BASE, FT = str(SAMPLES / "base.safetensors"), str(SAMPLES / "finetuned.safetensors")
+runner = CliRunner()
+
+HOLDS = """
+[[rule]]
+column = "k95_ratio"
+min = 0.25
+
+[[rule]]
+column = "stable_rank"
+layers = "*self_attn*"
+max = 32
+"""
+FAILS = HOLDS.replace("max = 32", "max = 11")  # three attention matrices have stable rank 11.2 to 11.8
+
+
+@pytest.fixture(autouse=True)
+def _away_from_our_pyproject(tmp_path, monkeypatch):
+    """Run every check from an empty folder, so the repository's own policy is not found."""
+    monkeypatch.chdir(tmp_path)
+
+
+def write_policy(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "gate.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def junit_cases(path: Path) -> dict[str, ET.Element]:
+    """Parse a JUnit file, check its counts add up, and return its test cases by name."""
+    root = ET.parse(path).getroot()
+    assert root.tag == "testsuites"
+    (suite,) = root.findall("testsuite")
+    cases = suite.findall("testcase")
+    assert int(root.get("tests")) == int(suite.get("tests")) == len(cases)
+    assert int(suite.get("failures")) == sum(c.find("failure") is not None for c in cases)
+    assert int(suite.get("skipped")) == sum(c.find("skipped") is not None for c in cases)
+    assert suite.get("errors") == "0" and all(c.get("classname") == "lowrank_audit.check" for c in cases)
+    return {c.get("name"): c for c in cases}
+
+
+def run_check(tmp_path: Path, *args: str) -> tuple[int, str, Path, Path]:
+    junit, md = tmp_path / "check.xml", tmp_path / "check.md"
+    result = runner.invoke(app, ["check", *args, "--junit", str(junit), "--markdown", str(md)])
+    return result.exit_code, result.output, junit, md
+
+
+def test_a_policy_that_holds_exits_0(tmp_path):
+    code, output, junit, md = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, HOLDS))
+    assert code == 0, output
+    assert "passed: 3 of 5 rules hold, 2 skipped" in output
+    cases = junit_cases(junit)
+    assert list(cases) == ["forbid-nonfinite", "k95_ratio ≥ 0.25", "stable_rank ≤ 32 on layers *self_attn*",
+                           "forbid-added-layers", "forbid-removed-layers"]  # fmt: skip
+    assert cases["forbid-added-layers"].find("skipped").get("message") == "needs a baseline: pass --baseline REPORT"
+    assert md.read_text().startswith("## ✅ lowrank-audit check passed: 3 of 5 rules hold (2 skipped)\n")
+
+
+def test_a_bound_the_sample_breaks_exits_1_with_the_finding_everywhere(tmp_path):
+    code, output, junit, md = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, FAILS))
+    assert code == 1, output
+    assert "FAILED: 1 of 5 rules broken, 3 findings" in output
+    assert re.search(r"stable_rank ≤ 11 on layers\s.*model\.layers\.0\.self_attn\.k_p", output, re.S)
+    failure = junit_cases(junit)["stable_rank ≤ 11 on layers *self_attn*"].find("failure")
+    assert failure.get("message") == (
+        "model.layers.0.self_attn.k_proj.weight: stable_rank = 11.79 is above the maximum 11; limit ≤ 11; and 2 more"
+    )
+    assert failure.text.splitlines()[2] == (
+        "model.layers.1.self_attn.v_proj.weight: stable_rank = 11.81 is above the maximum 11; limit ≤ 11"
+    )
+    assert (
+        "| `stable_rank ≤ 11 on layers *self_attn*` | `model.layers.1.self_attn.v_proj.weight` | 11.81 | ≤ 11 |"
+        in md.read_text()
+    )
+
+
+def test_a_claimed_rank_the_update_exceeds_exits_1(tmp_path):
+    policy = write_policy(tmp_path, '[adapter-rank]\nrank = 16\nroles = "down_proj"')
+    code, output, junit, md = run_check(tmp_path, FT, "--base", BASE, "--policy", policy)
+    assert code == 1, output
+    failure = junit_cases(junit)["adapter rank ≤ 16 at 0.01·σ₁ on roles down_proj"].find("failure")
+    assert failure.text.splitlines() == [
+        "model.layers.0.mlp.down_proj.weight: 48 singular values above 0.01·σ₁; the claim is 16; limit ≤ 16",
+        "model.layers.1.mlp.down_proj.weight: 57 singular values above 0.01·σ₁; the claim is 16; limit ≤ 16",
+    ]
+    assert "| `model.layers.1.mlp.down_proj.weight` | 57 | ≤ 16 |" in md.read_text()
+    assert "model.layers.0.mlp.down_proj.weight" in output
+
+
+def test_drift_against_a_baseline_made_from_the_base_exits_1(tmp_path):
+    baseline = tmp_path / "last-release.parquet"
+    assert runner.invoke(app, ["spectrum", BASE, "-o", str(baseline), "-q"]).exit_code == 0
+    policy = write_policy(tmp_path, '[[drift]]\ncolumn = "spectral_norm"\nmax = 0.1')
+    code, output, junit, md = run_check(tmp_path, FT, "--baseline", str(baseline), "--policy", policy)
+    assert code == 1, output
+    cases = junit_cases(junit)
+    assert cases["spectral_norm drift ≤ 10 %"].find("failure").get("message") == (
+        "model.layers.0.mlp.down_proj.weight: spectral_norm 1.029 → 1.348 (31 % change); limit ≤ 10 %"
+    )
+    assert cases["forbid-added-layers"].find("failure") is None and cases["forbid-added-layers"].find("skipped") is None
+    assert "| `model.layers.0.mlp.down_proj.weight` | 31 % | ≤ 10 % |" in md.read_text()
+    assert "31 %" in output
+    # Negative control: the base against its own report does not drift.
+    code, *_ = run_check(tmp_path, BASE, "--baseline", str(baseline), "--policy", policy)
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[rule]]\ncolumn = "stable_rank"\nmax = "64"', "rule[1].max: must be a finite number but got '64' (string)"),
+        ('[[rule]]\ncolumn = "stable_rank"\nmax = 64\nlayer = "*"', "rule[1].layer: unknown key"),
+        ('[[drift]]\ncolumn = "k95"\nmax = 0.1\nroles = "[qk_proj"', "drift[1].roles: bad glob"),
+        ("[[rule]]\ncolumn = ", "not valid TOML"),
+    ],
+)
+def test_a_malformed_policy_exits_2_naming_the_key_and_writes_nothing(tmp_path, text, message):
+    code, output, junit, md = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, text))
+    assert code == 2
+    assert output.startswith(f"Error: {tmp_path / 'gate.toml'}: ") and message in output
+    assert "Traceback" not in output and not junit.exists() and not md.exists()
+
+
+def test_a_checkpoint_and_its_report_give_the_same_findings(tmp_path):
+    report = tmp_path / "d.parquet"
+    assert runner.invoke(app, ["spectrum", FT, "--base", BASE, "-o", str(report), "-q"]).exit_code == 0
+    policy = write_policy(tmp_path, FAILS + "\n[adapter-rank]\nrank = 55\n")
+    outputs = []
+    for source in ([FT, "--base", BASE], [str(report)]):
+        result = runner.invoke(app, ["check", *source, "--policy", policy, "--json"])
+        assert result.exit_code == 1
+        outputs.append(json.loads(result.stdout))
+    assert outputs[0] == outputs[1]
+    # 8 updates keep 95 % in under a quarter of their rank; 8 have more than 55 values above 1e-2.
+    assert [len(r["findings"]) for r in outputs[0]["rules"]] == [0, 8, 0, 8, 0, 0]
+    assert outputs[0]["source"] == f"{FT} - {BASE}"
+
+
+def test_out_writes_the_report_that_spectrum_writes(tmp_path):
+    assert runner.invoke(app, ["check", FT, "-o", str(tmp_path / "c.parquet"), "-q"]).exit_code == 0
+    assert runner.invoke(app, ["spectrum", FT, "-o", str(tmp_path / "s.parquet"), "-q"]).exit_code == 0
+    checked, spectrum = (read_report(tmp_path / n) for n in ("c.parquet", "s.parquet"))
+    assert checked.equals(spectrum)
+
+
+def test_outputs_never_replace_inputs(tmp_path):
+    report = tmp_path / "r.parquet"
+    assert runner.invoke(app, ["spectrum", FT, "-o", str(report), "-q"]).exit_code == 0
+    before = report.read_bytes()
+    result = runner.invoke(app, ["check", FT, "--baseline", str(report), "--junit", str(report)])
+    assert result.exit_code == 2 and "would overwrite input" in result.output and "--junit" in result.output
+    result = runner.invoke(app, ["check", str(report), "-o", str(tmp_path / "x.parquet")])
+    assert result.exit_code == 2 and "--out applies only when SOURCE is a checkpoint" in result.output
+    assert report.read_bytes() == before and not (tmp_path / "x.parquet").exists()
+
+
+def test_the_policy_is_found_in_pyproject_from_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text(
+        "[tool.lowrank-audit.check]\n" + FAILS.replace("[[rule]]", "[[tool.lowrank-audit.check.rule]]")
+    )
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    result = runner.invoke(app, ["check", FT])
+    assert result.exit_code == 1
+    assert f"policy: {tmp_path / 'pyproject.toml'} [tool.lowrank-audit.check]" in result.output
+
+
+def test_nan_fails_the_default_policy(tmp_path):
+    tensors = load_file(FT)
+    tensors["lm_head.weight"][0, 0] = float("inf")
+    save_file(tensors, tmp_path / "inf.safetensors")
+    result = runner.invoke(app, ["check", str(tmp_path / "inf.safetensors")])
+    assert result.exit_code == 1 and "lm_head.weight" in result.output and "built-in defaults" in result.output
+
+
+# --- the workflow in docs/ci.md ------------------------------------------------------------
+
+WORKFLOW = ROOT / ".github" / "workflows" / "release-gate.yml"
+
+
+def test_the_docs_show_the_shipped_workflow():
+    doc = (ROOT / "docs" / "ci.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", doc, re.S).group(1)
+    assert block == WORKFLOW.read_text()
+    steps = yaml.safe_load(block)["jobs"]["gate"]["steps"]
+    assert [s.get("uses", "").split("@")[0] for s in steps if "uses" in s] == [
+        "actions/checkout", "actions/setup-python", "actions/upload-artifact",
+    ]  # fmt: skip
+
+
+def run_step(name: str, workdir: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run one ``run:`` step of the workflow as GitHub does (bash -eo pipefail) with its env."""
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    (step,) = [s for s in workflow["jobs"]["gate"]["steps"] if s.get("name") == name]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the console script
+    environ = {**os.environ, **workflow["env"], "PATH": path, **env}
+    return subprocess.run(["bash", "-eo", "pipefail", "-c", step["run"]], cwd=workdir, env=environ,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_the_workflow_gate_step_runs_as_written(tmp_path):
+    """The repository's checkout as the runner sees it: our pyproject (with its policy) and the samples."""
+    (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+    (tmp_path / "sample_checkpoints").symlink_to(SAMPLES)
+    assert runner.invoke(app, ["spectrum", BASE, "-o", str(tmp_path / "last.parquet"), "-q"]).exit_code == 0
+    summary = tmp_path / "summary.md"
+
+    done = run_step("Audit and check", tmp_path, BASELINE="last.parquet")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert read_report(tmp_path / "spectrum.parquet")["name"].nunique() == 16
+    assert len(junit_cases(tmp_path / "check.xml")) == 7
+    assert run_step("Job summary", tmp_path, GITHUB_STEP_SUMMARY=str(summary)).returncode == 0
+    assert summary.read_text().startswith("## ✅ lowrank-audit check passed: 7 of 7 rules hold\n")
+
+    # A release with a NaN fails the step (exit 1) and still leaves its reports.
+    tensors = load_file(FT)
+    tensors["model.layers.0.mlp.up_proj.weight"][1, 2] = float("nan")
+    save_file(tensors, tmp_path / "broken.safetensors")
+    (tmp_path / "check.md").unlink()
+    done = run_step("Audit and check", tmp_path, MODEL="broken.safetensors")
+    assert done.returncode == 1
+    assert "| ❌ | `forbid-nonfinite` | 16 | 1 |" in (tmp_path / "check.md").read_text()
+    assert "model.layers.0.mlp.up_proj.weight" in junit_cases(tmp_path / "check.xml")["forbid-nonfinite"].find(
+        "failure"
+    ).get("message")
