@@ -60,6 +60,14 @@ _JSON_COLUMNS = (
 )  # fmt: skip
 
 
+# Options and arguments shared by several commands.
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+SourceArg = Annotated[
+    Path, typer.Argument(help="A spectrum report (.parquet) or a checkpoint to audit first.", show_default=False)
+]
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn our errors into one red line and their exit code; only our own bugs print a traceback."""
@@ -197,7 +205,7 @@ def spectrum(
         list[str] | None,
         typer.Option("--exclude", "-x", help="Glob on tensor names to leave out; repeat for several."),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].")] = "auto",
+    device: DeviceOpt = "auto",
     dtype: Annotated[
         str, typer.Option(help="Precision of the decomposition: float32 or float64. Half-precision inputs are upcast.")
     ] = "float32",
@@ -223,7 +231,7 @@ def spectrum(
             help="Print a machine-readable summary (all rows, no singular values) on stdout instead of the table.",
         ),
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Singular-value spectrum of every weight matrix, or of every fine-tuning update with --base.
 
@@ -328,9 +336,7 @@ def _rank_table(frame: pd.DataFrame, title: str, columns: tuple[tuple[str, str, 
 
 @app.command()
 def recommend(
-    source: Annotated[
-        Path, typer.Argument(help="A spectrum report (.parquet) or a checkpoint to audit first.", show_default=False)
-    ],
+    source: SourceArg,
     base: Annotated[
         Path | None, typer.Option("--base", "-b", help="Base checkpoint: recommend ranks for the update SOURCE - BASE.")
     ] = None,
@@ -347,7 +353,7 @@ def recommend(
         typer.Option(help="Write a PEFT LoraConfig JSON (adapter_config.json) with these ranks per module."),
     ] = None,
     method: MethodOpt = "exact",
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].")] = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Per-layer LoRA ranks: by energy, a fixed rank, or a parameter budget spread where it buys most.
 
@@ -421,7 +427,7 @@ def compress(
         list[str] | None, typer.Option("--exclude", "-x", help="Glob on tensor names to leave alone.")
     ] = None,
     method: MethodOpt = "auto",
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].")] = "auto",
+    device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the randomized method.")] = 0,
     force: ForceOpt = False,
 ) -> None:
@@ -510,9 +516,7 @@ def _check_json(result: CheckResult) -> str:
 
 @app.command()
 def check(
-    source: Annotated[
-        Path, typer.Argument(help="A spectrum report (.parquet) or a checkpoint to audit first.", show_default=False)
-    ],
+    source: SourceArg,
     base: Annotated[
         Path | None,
         typer.Option(
@@ -528,7 +532,7 @@ def check(
     policy: Annotated[
         Path | None,
         typer.Option(
-            help="Policy file (TOML). Default: the [tool.lowrank-audit.check] table of the nearest pyproject.toml from the working directory up; the built-in rules (no NaN/Inf) when there is none."
+            help="Policy file (TOML). Default: the \\[tool.lowrank-audit.check] table of the nearest pyproject.toml from the working directory up; the built-in rules (no NaN/Inf) when there is none."
         ),
     ] = None,
     junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here: one test case per rule.")] = None,
@@ -547,9 +551,9 @@ def check(
         bool, typer.Option("--json", help="Print the result as JSON on stdout instead of tables.")
     ] = False,
     method: MethodOpt = "auto",
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].")] = "auto",
+    device: DeviceOpt = "auto",
     top: Annotated[int, typer.Option(help="Findings shown in the table (the files hold them all).", min=0)] = 30,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Gate a release: check its spectra against a policy; exit 0 when every rule holds, 1 when one fails, 2 on bad input.
 

@@ -195,6 +195,14 @@ def test_nan_fails_the_default_policy(tmp_path):
     assert result.exit_code == 1 and "lm_head.weight" in result.output and "built-in defaults" in result.output
 
 
+def test_help_shows_the_table_name_and_exit_codes():
+    result = runner.invoke(app, ["check", "--help"])
+    text = " ".join(result.output.replace("│", " ").split())  # rich wraps lines inside boxes
+    assert result.exit_code == 0
+    assert "[tool.lowrank-audit.check] table of the nearest pyproject.toml" in text
+    assert "exit 0 when every rule holds, 1 when one fails, 2 on bad input" in text
+
+
 # --- the workflow in docs/ci.md ------------------------------------------------------------
 
 WORKFLOW = ROOT / ".github" / "workflows" / "release-gate.yml"
