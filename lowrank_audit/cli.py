@@ -61,6 +61,10 @@ _JSON_COLUMNS = (
 
 
 # Options and arguments shared by several commands.
+def _base_option(help: str) -> Any:
+    return typer.Option("--base", "-b", help=help)
+
+
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 SourceArg = Annotated[
@@ -184,10 +188,7 @@ def spectrum(
         ),
     ],
     base: Annotated[
-        Path | None,
-        typer.Option(
-            "--base", "-b", help="Base checkpoint: audit the update CHECKPOINT - BASE instead of the weights."
-        ),
+        Path | None, _base_option("Base checkpoint: audit the update CHECKPOINT - BASE instead of the weights.")
     ] = None,
     out: Annotated[
         Path | None,
@@ -337,9 +338,7 @@ def _rank_table(frame: pd.DataFrame, title: str, columns: tuple[tuple[str, str, 
 @app.command()
 def recommend(
     source: SourceArg,
-    base: Annotated[
-        Path | None, typer.Option("--base", "-b", help="Base checkpoint: recommend ranks for the update SOURCE - BASE.")
-    ] = None,
+    base: Annotated[Path | None, _base_option("Base checkpoint: recommend ranks for the update SOURCE - BASE.")] = None,
     energy: EnergyOpt = None,
     rank: RankOpt = None,
     budget_params: BudgetOpt = None,
@@ -518,10 +517,7 @@ def _check_json(result: CheckResult) -> str:
 def check(
     source: SourceArg,
     base: Annotated[
-        Path | None,
-        typer.Option(
-            "--base", "-b", help="Base checkpoint: check the update SOURCE - BASE (adapter-rank rules need it)."
-        ),
+        Path | None, _base_option("Base checkpoint: check the update SOURCE - BASE (adapter-rank rules need it).")
     ] = None,
     baseline: Annotated[
         Path | None,
@@ -603,13 +599,11 @@ def check(
 def _check_summary(result: CheckResult, top: int) -> None:
     if len(result.findings) > top:
         out_console.print(f"{len(result.findings) - top} more findings not shown (--top, or --junit/--json for all)")
-    rules, skipped = len(result.results), result.count("skipped")
+    skipped = result.count("skipped")
     if result.passed:
-        line = f"[green]passed[/]: {rules - skipped} of {rules} rules hold" + (
-            f", {skipped} skipped" if skipped else ""
-        )
+        line = f"[green]passed[/]: {result.headline()}" + (f", {skipped} skipped" if skipped else "")
     else:
-        line = f"[red]FAILED[/]: {result.count('failed')} of {rules} rules broken, {len(result.findings)} findings"
+        line = f"[red]FAILED[/]: {result.headline()}"
     out_console.print(f"{line}; policy: {escape(result.policy)}", highlight=False, soft_wrap=True)
 
 

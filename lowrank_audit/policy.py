@@ -66,6 +66,13 @@ class CheckResult:
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
 
+    def headline(self) -> str:
+        """``3 of 5 rules hold`` (skipped ones not counted as holding), or ``1 of 5 rules broken, 3 findings``."""
+        rules = len(self.results)
+        if self.passed:
+            return f"{rules - self.count('skipped')} of {rules} rules hold"
+        return f"{self.count('failed')} of {rules} rules broken, {len(self.findings)} findings"
+
 
 @dataclass(frozen=True)
 class Policy:

@@ -74,13 +74,11 @@ def _code(text: str) -> str:
 
 
 def _summary_line(result: CheckResult) -> str:
-    rules = len(result.results)
     if result.passed:
         skipped = result.count("skipped")
         extra = f" ({skipped} skipped)" if skipped else ""
-        return f"## {_ICONS['passed']} lowrank-audit check passed: {rules - skipped} of {rules} rules hold{extra}"
-    failed, findings = result.count("failed"), len(result.findings)
-    return f"## {_ICONS['failed']} lowrank-audit check failed: {failed} of {rules} rules broken, {findings} findings"
+        return f"## {_ICONS['passed']} lowrank-audit check passed: {result.headline()}{extra}"
+    return f"## {_ICONS['failed']} lowrank-audit check failed: {result.headline()}"
 
 
 def markdown(result: CheckResult, *, max_findings: int = MARKDOWN_FINDINGS) -> str:
