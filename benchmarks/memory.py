@@ -34,7 +34,7 @@ sys.path.insert(0, "benchmarks")
 from _peak import peak_mb
 
 
-from lowrank_audit.audit import spectrum
+from lowrank_audit.analyses.spectrum import spectrum
 path, method, cap, budget = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 start = time.perf_counter()
 frame = spectrum(path, device="cpu", method=method, rank_cap=int(cap) if cap != "none" else None, max_batch_mb=budget)

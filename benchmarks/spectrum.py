@@ -34,7 +34,7 @@ variant, path = sys.argv[1], sys.argv[2]
 if variant == "tool":
     import lowrank_audit
     lowrank_audit.spectrum  # resolve the lazy import before timing
-    from lowrank_audit.audit import spectrum
+    from lowrank_audit.analyses.spectrum import spectrum
     start = time.perf_counter()
     frame = spectrum(path, device="cpu")
     count = len(frame)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from lowrank_audit._version import __version__
 
 _EXPORTS = {
-    "spectrum": "lowrank_audit.audit",
-    "open_checkpoint": "lowrank_audit.checkpoint",
-    "read_report": "lowrank_audit.report",
-    "write_report": "lowrank_audit.report",
+    "spectrum": "lowrank_audit.analyses.spectrum",
+    "open_checkpoint": "lowrank_audit.io.checkpoint",
+    "read_report": "lowrank_audit.formats.report",
+    "write_report": "lowrank_audit.formats.report",
     "check": "lowrank_audit.policy",
     "load_policy": "lowrank_audit.policy",
     "LowrankAuditError": "lowrank_audit.errors",
@@ -28,8 +28,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from lowrank_audit.audit import spectrum
-    from lowrank_audit.checkpoint import open_checkpoint
+    from lowrank_audit.analyses.spectrum import spectrum
     from lowrank_audit.errors import (
         CheckpointError,
         LowrankAuditError,
@@ -39,8 +38,9 @@ if TYPE_CHECKING:
         ShapeMismatchError,
         UnpairedTensorsWarning,
     )
+    from lowrank_audit.formats.report import read_report, write_report
+    from lowrank_audit.io.checkpoint import open_checkpoint
     from lowrank_audit.policy import check, load_policy
-    from lowrank_audit.report import read_report, write_report
 
 
 def __getattr__(name: str) -> Any:

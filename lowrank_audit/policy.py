@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from lowrank_audit.errors import OptionError, PolicyError
-from lowrank_audit.report import COLUMNS, METADATA_KEY
+from lowrank_audit.formats.report import COLUMNS, METADATA_KEY
 from lowrank_audit.rules import (
     DEFAULT_TOLERANCE,
     AdapterRankRule,

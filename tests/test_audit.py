@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import lowrank_audit
 from lowrank_audit import metrics
 from lowrank_audit.errors import UnpairedTensorsWarning
-from lowrank_audit.report import write_report
+from lowrank_audit.formats.report import write_report
 from tests.conftest import assert_singular_values_close, reference_energy_rank, reference_singular_values
 
 TARGETS = {"k90": 0.90, "k95": 0.95, "k99": 0.99}

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowrank_audit.checkpoint import open_checkpoint
 from lowrank_audit.errors import CheckpointError
+from lowrank_audit.io.checkpoint import open_checkpoint
 from tests.conftest import RunsCode
 
 FORMATS = [

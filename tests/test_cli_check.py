@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lowrank_audit.cli import app
-from lowrank_audit.report import read_report
+from lowrank_audit.formats.report import read_report
 from tests.conftest import SAMPLES
 
 ROOT = SAMPLES.parent
@@ -63,7 +63,7 @@ def junit_cases(path: Path) -> dict[str, ET.Element]:
 
 def run_check(tmp_path: Path, *args: str) -> tuple[int, str, Path, Path]:
     junit, md = tmp_path / "check.xml", tmp_path / "check.md"
-    result = runner.invoke(app, ["check", *args, "--junit", str(junit), "--markdown", str(md)])
+    result = runner.invoke(app, ["check", *args, "--junit", str(junit), "--markdown", str(md), "--force"])
     return result.exit_code, result.output, junit, md
 
 
@@ -246,7 +246,8 @@ def test_the_workflow_gate_step_runs_as_written(tmp_path):
     tensors = load_file(FT)
     tensors["model.layers.0.mlp.up_proj.weight"][1, 2] = float("nan")
     save_file(tensors, tmp_path / "broken.safetensors")
-    (tmp_path / "check.md").unlink()
+    for written in ("check.md", "check.xml", "spectrum.parquet"):  # a fresh CI job starts without them
+        (tmp_path / written).unlink()
     done = run_step("Audit and check", tmp_path, MODEL="broken.safetensors")
     assert done.returncode == 1
     assert "| ❌ | `forbid-nonfinite` | 16 | 1 |" in (tmp_path / "check.md").read_text()

@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from lowrank_audit.analyses.recommend import RANKS_SCHEMA
 from lowrank_audit.cli import app
-from lowrank_audit.recommend import RANKS_SCHEMA
-from lowrank_audit.report import read_report
+from lowrank_audit.formats.report import read_report
 from tests.conftest import SAMPLES
 
 BASE, FT = str(SAMPLES / "base.safetensors"), str(SAMPLES / "finetuned.safetensors")

@@ -13,8 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lowrank_audit.compress import compress, expand
+from lowrank_audit.analyses.compress import compress
 from lowrank_audit.formats import lowrank
+from lowrank_audit.formats.lowrank import expand
 from lowrank_audit.ranks import RankPolicy
 from tests.conftest import SAMPLES, reference_singular_values
 

@@ -10,9 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lowrank_audit.checkpoint import open_checkpoint
-from lowrank_audit.selection import select_matrices
-from lowrank_audit.svd import EngineConfig, spectra
+from lowrank_audit.engine.config import EngineConfig
+from lowrank_audit.engine.decompose import spectra
+from lowrank_audit.engine.sources import CheckpointSource
+from lowrank_audit.io.checkpoint import open_checkpoint
+from lowrank_audit.io.selection import select_matrices
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssFile from /proc/self/status")
 MIB = 2**20
@@ -41,7 +43,7 @@ def test_mapped_pages_stay_bounded_by_the_batch(checkpoint):
         specs = select_matrices(ckpt).specs
         before = rss_file()
         config = EngineConfig.create(device="cpu", method="randomized", rank_cap=4, max_batch_mb=4)
-        for _ in spectra(specs, ckpt, config=config, progress=lambda p: peaks.append(rss_file())):
+        for _ in spectra(CheckpointSource(ckpt, specs), config, progress=lambda p: peaks.append(rss_file())):
             peaks.append(rss_file())
     growth = max(peaks) - before
     # Batches of 4 MiB (two tensors): allow a few batches of slack, far below 48 MiB.

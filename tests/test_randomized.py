@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import save_file
 
 import lowrank_audit
+from lowrank_audit.engine.config import EngineConfig
+from lowrank_audit.engine.randomized import adaptive_singular_values, truncated_svd
 from lowrank_audit.errors import OptionError
 from lowrank_audit.metrics import energy_rank
-from lowrank_audit.svd import EngineConfig, adaptive_singular_values, truncated_svd
 from tests.conftest import RANDOMIZED_ATOL, reference_singular_values, with_spectrum
 
 SHAPES = [(400, 300), (300, 400), (350, 350), (600, 120)]

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowrank_audit.errors import CheckpointError, OptionError
-from lowrank_audit.report import COLUMNS, build_frame, check_output_path, read_report, write_report
+from lowrank_audit.formats.report import COLUMNS, build_frame, read_report, write_report
+from lowrank_audit.io.outputs import check_target
 
 PINNED = {
     "name": "string", "module": "string", "layer": "int64", "role": "string", "kind": "string",
@@ -81,7 +82,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq, "write_table", boom)
     with pytest.raises(OSError, match="disk full"):
-        write_report(frame, target)
+        write_report(frame, target, force=True)
     assert target.read_bytes() == b"previous report"  # the old file is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["r.parquet"]
 
@@ -96,9 +97,9 @@ def test_read_report_rejects_other_parquet(tmp_path):
 
 def test_output_may_not_be_an_input(tmp_path, samples):
     with pytest.raises(OptionError, match="would overwrite input"):
-        check_output_path(samples / "base.safetensors", [samples / "base.safetensors"])
+        check_target(samples / "base.safetensors", [samples / "base.safetensors"])
     with pytest.raises(OptionError, match="would overwrite input"):
-        check_output_path(samples / "base-sharded" / "r.parquet", [samples / "base-sharded"])
+        check_target(samples / "base-sharded" / "r.parquet", [samples / "base-sharded"])
     with pytest.raises(OptionError, match="is a folder"):
-        check_output_path(tmp_path, [samples / "base.safetensors"])
-    check_output_path(tmp_path / "r.parquet", [samples / "base.safetensors"])  # fine
+        check_target(tmp_path, [samples / "base.safetensors"])
+    check_target(tmp_path / "r.parquet", [samples / "base.safetensors"])  # fine

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lowrank_audit.checkpoint import open_checkpoint
 from lowrank_audit.errors import NoMatricesSelected, ShapeMismatchError
-from lowrank_audit.selection import matrix_view, parse_name, read_matrices, select_matrices
+from lowrank_audit.io.checkpoint import open_checkpoint
+from lowrank_audit.io.selection import matrix_view, parse_name, read_matrices, select_matrices
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lowrank_audit.checkpoint import open_checkpoint
+from lowrank_audit.engine.batches import plan_batches, squared_norms
+from lowrank_audit.engine.config import EngineConfig, resolve_device
+from lowrank_audit.engine.decompose import spectra
+from lowrank_audit.engine.exact import singular_values
+from lowrank_audit.engine.sources import CheckpointSource
 from lowrank_audit.errors import OptionError
+from lowrank_audit.io.checkpoint import open_checkpoint
+from lowrank_audit.io.selection import select_matrices
 from lowrank_audit.metrics import ENERGY_TARGETS, energy_rank
-from lowrank_audit.selection import select_matrices
-from lowrank_audit.svd import EngineConfig, plan_batches, resolve_device, singular_values, spectra, squared_norms
 from tests.conftest import (
     assert_singular_values_close,
     low_rank_plus_noise,
@@ -89,7 +93,7 @@ def test_results_do_not_depend_on_batch_size(tmp_path):
         with open_checkpoint(path) as ckpt:
             sel = select_matrices(ckpt)
             cfg = EngineConfig.create(device="cpu", max_batch_mb=budget_mb)
-            outs.append({r.spec.name: r.singular_values for r in spectra(sel.specs, ckpt, config=cfg)})
+            outs.append({r.spec.name: r.singular_values for r in spectra(CheckpointSource(ckpt, sel.specs), cfg)})
     for name, w in tensors.items():
         # Batching only stacks; each matrix is decomposed by the same kernel, bit for bit.
         assert np.array_equal(outs[0][name], outs[1][name]), name
@@ -104,7 +108,9 @@ def test_nonfinite_matrices_are_counted_not_decomposed(tmp_path):
     progress = []
     with open_checkpoint(path) as ckpt:
         sel = select_matrices(ckpt)
-        results = list(spectra(sel.specs, ckpt, config=EngineConfig.create(device="cpu"), progress=progress.append))
+        results = list(
+            spectra(CheckpointSource(ckpt, sel.specs), EngineConfig.create(device="cpu"), progress=progress.append)
+        )
     assert [r.index for r in results] == [0, 1, 2, 3]
     assert [r.nonfinite for r in results] == [0, 0, 2, 0]
     assert results[2].singular_values is None
@@ -155,13 +161,13 @@ def test_cuda_matches_reference(dtype):
 @pytest.mark.parametrize("overlap", [False, True])
 def test_batches_in_flight_stay_within_the_budget(tmp_path, monkeypatch, overlap):
     """CPU: one batch at a time, the whole budget. CUDA: two in flight, half each."""
-    import lowrank_audit.svd as svd
+    import lowrank_audit.engine.batches as batches
 
     tensors = {f"layers.{i}.proj.weight": _random((64, 64), i).float() for i in range(12)}
     path = _write(tmp_path / "m.safetensors", tensors)
     budget_mb = 64 * 64 * 4 * 4 / 2**20  # four matrices' worth
     sizes, threads, loaded_batches, alive = [], set(), [], []
-    original = svd._load
+    original = batches.load
 
     def spy(batch_specs, *args):
         import threading
@@ -174,12 +180,12 @@ def test_batches_in_flight_stay_within_the_budget(tmp_path, monkeypatch, overlap
         loaded_batches.append(loaded)
         return loaded
 
-    monkeypatch.setattr(svd, "_load", spy)
+    monkeypatch.setattr(batches, "load", spy)
     config = EngineConfig.create(device="cpu", max_batch_mb=budget_mb)
     if overlap:  # the CUDA policy, exercised on the CPU
-        monkeypatch.setattr(svd, "_overlaps", lambda cfg: True)
+        monkeypatch.setattr(batches, "overlaps", lambda cfg: True)
     with open_checkpoint(path) as ckpt:
-        results = list(spectra(select_matrices(ckpt).specs, ckpt, config=config))
+        results = list(spectra(CheckpointSource(ckpt, select_matrices(ckpt).specs), config))
     assert len(results) == 12 and all(r.singular_values is not None for r in results)
     in_flight = 2 if overlap else 1
     assert max(sizes) * in_flight <= budget_mb * 2**20 and len(sizes) == 3 * in_flight
@@ -188,8 +194,8 @@ def test_batches_in_flight_stay_within_the_budget(tmp_path, monkeypatch, overlap
 
 
 def test_read_errors_on_the_prefetch_thread_reach_the_caller(tmp_path, monkeypatch):
-    from lowrank_audit.checkpoint import Checkpoint
     from lowrank_audit.errors import CheckpointError
+    from lowrank_audit.io.checkpoint import Checkpoint
 
     path = _write(tmp_path / "m.safetensors", {f"l.{i}.weight": _random((8, 8), i).float() for i in range(4)})
 
@@ -200,4 +206,4 @@ def test_read_errors_on_the_prefetch_thread_reach_the_caller(tmp_path, monkeypat
         specs = select_matrices(ckpt).specs
         monkeypatch.setattr(Checkpoint, "__getitem__", broken)
         with pytest.raises(CheckpointError, match="cannot read tensor 'l.0.weight': disk gone"):
-            list(spectra(specs, ckpt, config=EngineConfig.create(device="cpu")))
+            list(spectra(CheckpointSource(ckpt, specs), EngineConfig.create(device="cpu")))

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowrank_audit.errors import CheckpointError
+from lowrank_audit.io.outputs import atomic_file, check_target
 
 FORMAT = "lowrank-audit.factorized/1"
 METADATA_KEY = "lowrank_audit"
@@ -57,4 +58,39 @@ def dense(a: torch.Tensor, b: torch.Tensor, entry: dict[str, Any]) -> torch.Tens
     return (b.to(work) @ a.to(work)).reshape(entry["shape"]).to(getattr(torch, entry["dtype"]))
 
 
-__all__ = ["FORMAT", "METADATA_KEY", "WEIGHTS_NAME", "dense", "factor_names", "layout", "write_factorized"]
+def expand(path: str | Path, out: str | Path, *, force: bool = False) -> Path:
+    """Multiply a factorized checkpoint back into a dense safetensors file.
+
+    Args:
+        path: A folder written by :func:`compress` without base, or its ``model.safetensors``.
+        out: The dense ``.safetensors`` file: original names, shapes and dtypes; every
+            tensor that was not factorized is copied unchanged.
+        force: Replace an existing ``out``.
+
+    Raises:
+        CheckpointError: ``path`` is not a factorized checkpoint.
+        OptionError: ``out`` exists without ``force``, or is the input.
+    """
+    path, out = Path(path), Path(out)
+    source = path / WEIGHTS_NAME if path.is_dir() else path
+    if not source.exists():
+        raise CheckpointError(f"{source}: no such file")
+    check_target(out, [path, source], force=force)
+    entries = layout(source)
+    factor_of = {n: name for name in entries for n in factor_names(name)}
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(source), "pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            if name in factor_of:
+                matrix = factor_of[name]
+                if matrix not in tensors:
+                    a_name, b_name = factor_names(matrix)
+                    tensors[matrix] = dense(f.get_tensor(a_name), f.get_tensor(b_name), entries[matrix])
+            else:
+                tensors[name] = f.get_tensor(name)
+    with atomic_file(out, force=force) as tmp:
+        save_file(dict(sorted(tensors.items())), tmp, metadata={"format": "pt"})
+    return out
+
+
+__all__ = ["FORMAT", "METADATA_KEY", "WEIGHTS_NAME", "dense", "expand", "factor_names", "layout", "write_factorized"]

@@ -16,17 +16,106 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from lowrank_audit.errors import CheckpointError
+from lowrank_audit.io.checkpoint import Checkpoint
+from lowrank_audit.io.selection import MatrixSpec, select_matrices, wanted
+
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+EMBEDDINGS = ("save", "lora")
+# Roles read as token embeddings and output heads: modules_to_save unless embeddings="lora".
+EMBEDDING_ROLES = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in"})
+HEAD_ROLES = frozenset({"lm_head", "embed_out"})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What happens to each tensor: name -> treatment, and the matrices to factorize."""
+
+    treatment: dict[str, str]
+    specs: list[MatrixSpec]  # matrices to factorize, in name order
+
+
+def module_of(name: str) -> tuple[str, str]:
+    module, _, param = name.rpartition(".")
+    return module, param
+
+
+def plan_adapter(
+    ckpt: Checkpoint, base: Checkpoint, *, embeddings: str, serving_safe: bool, include: Sequence[str],
+    exclude: Sequence[str],
+) -> Plan:  # fmt: skip
+    """One treatment per changed tensor of ``ckpt - base`` (see :mod:`lowrank_audit.analyses.compress`).
+
+    Raises:
+        CheckpointError: A tensor exists on one side only: the update is undefined.
+    """
+    missing = [n for n in ckpt if n not in base]
+    if missing:
+        raise CheckpointError(f"{base.path}: base has no tensor {missing[0]!r} of {ckpt.path}; the update is undefined")
+    extra = [n for n in base if n not in ckpt]
+    if extra:
+        raise CheckpointError(f"{ckpt.path}: fine-tune has no tensor {extra[0]!r} of base {base.path}")
+    matrices = {s.name: s for s in select_matrices(ckpt, base=base).specs if len(s.shape) == 2}
+    by_module: dict[str, list[str]] = defaultdict(list)
+    for name in ckpt:
+        by_module[module_of(name)[0]].append(name)
+    treatment: dict[str, str] = {}
+    for module, names in sorted(by_module.items()):
+        changed = [n for n in names if not torch.equal(ckpt[n], base[n])]
+        if not changed:
+            continue
+        role = module.rpartition(".")[2]
+        weight = f"{module}.weight"
+        skipped = {n for n in changed if not wanted(n, include, exclude)}
+        if weight in skipped:
+            kind = "left_out"
+        elif weight in changed and weight in matrices and role not in EMBEDDING_ROLES | HEAD_ROLES:
+            kind = "lora"
+        elif weight in changed and weight in matrices and embeddings == "lora":
+            kind = "lora_embedding" if role in EMBEDDING_ROLES else "lora"
+        else:
+            kind = "modules_to_save"
+        if serving_safe and (kind == "modules_to_save" or role in EMBEDDING_ROLES | HEAD_ROLES):
+            kind = "left_out"
+        if kind == "modules_to_save" and skipped:
+            kind = "left_out"  # a saved module is written whole or not at all
+        if kind in ("lora", "lora_embedding"):
+            treatment[weight] = kind
+            for n in changed:
+                if n != weight:
+                    lora_bias = n == f"{module}.bias" and kind == "lora" and not serving_safe and n not in skipped
+                    treatment[n] = "lora_bias" if lora_bias else "left_out"
+        else:
+            # PEFT loads a saved module with all its parameters, changed or not.
+            treatment |= {n: kind for n in (names if kind == "modules_to_save" else changed)}
+    if "lora_bias" in treatment.values() and "lora_embedding" in treatment.values():
+        # PEFT (0.21) refuses lora_bias on a model with Embedding LoRA; saving the embedding
+        # whole loses nothing.
+        moved = sorted(n for n, t in treatment.items() if t == "lora_embedding")
+        for name in moved:
+            module = module_of(name)[0]
+            treatment |= {n: "modules_to_save" for n in by_module[module]}
+        warnings.warn(
+            f"PEFT cannot combine lora_bias with embedding LoRA: {', '.join(moved)} saved whole "
+            "(modules_to_save); exclude the bias deltas (-x '*.bias') to get embedding LoRA",
+            stacklevel=3,
+        )
+    ckpt.release()
+    base.release()
+    specs = [matrices[n] for n, t in sorted(treatment.items()) if t in ("lora", "lora_embedding")]
+    return Plan(treatment, specs)
 
 
 def lora_names(module: str) -> tuple[str, str]:
@@ -99,6 +188,12 @@ def write_adapter(tensors: dict[str, torch.Tensor], config: dict[str, Any], fold
 
 __all__ = [
     "CONFIG_NAME",
+    "EMBEDDINGS",
+    "EMBEDDING_ROLES",
+    "HEAD_ROLES",
+    "Plan",
+    "module_of",
+    "plan_adapter",
     "PREFIX",
     "WEIGHTS_NAME",
     "embedding_names",

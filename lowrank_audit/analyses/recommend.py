@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,8 +11,8 @@ import pyarrow as pa
 
 from lowrank_audit.errors import OptionError
 from lowrank_audit.formats import peft
+from lowrank_audit.formats.report import build_frame, schema_of
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
-from lowrank_audit.report import build_frame, schema_of
 
 RANKS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("name", pa.string(), "tensor name"),
@@ -41,14 +42,26 @@ def layers_from_report(report: pd.DataFrame) -> list[LayerSpectrum]:
     ]
 
 
-def recommend(report: pd.DataFrame, policy: RankPolicy | None = None) -> pd.DataFrame:
-    """One LoRA rank per 2-D matrix of a spectrum report (see :mod:`lowrank_audit.ranks`).
+def recommend(
+    source: pd.DataFrame | str | Path, policy: RankPolicy | None = None, *, base: str | Path | None = None,
+    **options: Any,
+) -> pd.DataFrame:  # fmt: skip
+    """One LoRA rank per 2-D matrix of a spectrum report or checkpoint (see :mod:`lowrank_audit.ranks`).
+
+    Args:
+        source: A spectrum report (a frame, or a ``.parquet`` path), or a checkpoint.
+        policy: How ranks are chosen; energy 0.95 when None.
+        base: With a checkpoint, recommend ranks for ``source - base``.
+        options: Keyword options of :func:`lowrank_audit.spectrum` when a checkpoint is audited.
 
     Returns:
         A frame with :data:`RANKS_COLUMNS`; ``attrs["lowrank_audit"]`` holds the policy
         and the spectrum report's provenance.
     """
+    from lowrank_audit.analyses.spectrum import load_spectrum
+
     policy = policy or RankPolicy.create()
+    report = source if isinstance(source, pd.DataFrame) else load_spectrum(source, base, **options)
     layers = layers_from_report(report)
     modules = dict(zip(report["name"], report["module"], strict=True))
     rows = [

@@ -1,4 +1,4 @@
-"""``compress`` and ``expand``: spectra -> ranks -> factors -> files, verified after writing.
+"""``compress``: spectra -> ranks -> factors -> files, verified after writing.
 
 With a base, the update ΔW = W_ft - W_base becomes a PEFT LoRA adapter; without one, each
 selected matrix W becomes two factors in a factorized checkpoint. Both run the same four
@@ -21,14 +21,8 @@ in the report's ``treatment`` column:
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import warnings
-from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,30 +30,22 @@ import pandas as pd
 import pyarrow as pa
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from lowrank_audit import __version__
-from lowrank_audit.checkpoint import Checkpoint, open_checkpoint
-from lowrank_audit.errors import CheckpointError, LowrankAuditError, OptionError
+from lowrank_audit.engine.batches import ProgressCallback
+from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
+from lowrank_audit.engine.decompose import Factors, factors, spectra
+from lowrank_audit.engine.sources import CheckpointSource
+from lowrank_audit.errors import LowrankAuditError, OptionError
 from lowrank_audit.formats import lowrank, peft
+from lowrank_audit.formats.peft import Plan, module_of
+from lowrank_audit.formats.report import build_frame, schema_of, write_report
+from lowrank_audit.io.checkpoint import Checkpoint, open_checkpoint
+from lowrank_audit.io.outputs import atomic_folder, check_target
+from lowrank_audit.io.provenance import checkpoint_inputs, provenance
+from lowrank_audit.io.selection import select_matrices
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
-from lowrank_audit.report import (
-    atomic_path,
-    build_frame,
-    check_output_path,
-    file_digest,
-    refuse_overwriting_inputs,
-    schema_of,
-    write_report,
-)
-from lowrank_audit.selection import MatrixSpec, select_matrices, wanted
-from lowrank_audit.svd import DEFAULT_MAX_BATCH_MB, EngineConfig, Factors, factors, spectra
 
 REPORT_NAME = "compress-report.parquet"
-EMBEDDINGS = ("save", "lora")
-# Roles read as token embeddings and output heads: modules_to_save unless embeddings="lora".
-EMBEDDING_ROLES = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in"})
-HEAD_ROLES = frozenset({"lm_head", "embed_out"})
 # Factors stored in the fine-tune's dtype must reproduce the truncated matrix to this
 # relative Frobenius error; 16-bit storage rounds each factor entry by up to 2^-8.
 VERIFY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -81,118 +67,22 @@ COMPRESS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
 COMPRESS_SCHEMA = schema_of(COMPRESS_COLUMNS)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What happens to each tensor: name -> treatment, and the matrices to factorize."""
-
-    treatment: dict[str, str]
-    specs: list[MatrixSpec]  # matrices to factorize, in name order
-
-
-def _module(name: str) -> tuple[str, str]:
-    module, _, param = name.rpartition(".")
-    return module, param
-
-
 def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _prepare_out(out: Path, inputs: Sequence[Path], force: bool) -> Path:
-    """A fresh temporary folder beside ``out``, after refusing outputs that clash with inputs."""
-    refuse_overwriting_inputs(out, inputs)
-    if out.exists() and not force:
-        raise OptionError(f"output folder {out} exists; use --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"output {out} is a file; --out takes a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Give the verified folder its final name; an old one (``--force``) goes only afterwards."""
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _plan_adapter(
-    ckpt: Checkpoint, base: Checkpoint, *, embeddings: str, serving_safe: bool, include: Sequence[str],
-    exclude: Sequence[str],
-) -> _Plan:  # fmt: skip
-    missing = [n for n in ckpt if n not in base]
-    if missing:
-        raise CheckpointError(f"{base.path}: base has no tensor {missing[0]!r} of {ckpt.path}; the update is undefined")
-    extra = [n for n in base if n not in ckpt]
-    if extra:
-        raise CheckpointError(f"{ckpt.path}: fine-tune has no tensor {extra[0]!r} of base {base.path}")
-    matrices = {s.name: s for s in select_matrices(ckpt, base=base).specs if len(s.shape) == 2}
-    by_module: dict[str, list[str]] = defaultdict(list)
-    for name in ckpt:
-        by_module[_module(name)[0]].append(name)
-    treatment: dict[str, str] = {}
-    for module, names in sorted(by_module.items()):
-        changed = [n for n in names if not torch.equal(ckpt[n], base[n])]
-        if not changed:
-            continue
-        role = module.rpartition(".")[2]
-        weight = f"{module}.weight"
-        skipped = {n for n in changed if not wanted(n, include, exclude)}
-        if weight in skipped:
-            kind = "left_out"
-        elif weight in changed and weight in matrices and role not in EMBEDDING_ROLES | HEAD_ROLES:
-            kind = "lora"
-        elif weight in changed and weight in matrices and embeddings == "lora":
-            kind = "lora_embedding" if role in EMBEDDING_ROLES else "lora"
-        else:
-            kind = "modules_to_save"
-        if serving_safe and (kind == "modules_to_save" or role in EMBEDDING_ROLES | HEAD_ROLES):
-            kind = "left_out"
-        if kind == "modules_to_save" and skipped:
-            kind = "left_out"  # a saved module is written whole or not at all
-        if kind in ("lora", "lora_embedding"):
-            treatment[weight] = kind
-            for n in changed:
-                if n != weight:
-                    lora_bias = n == f"{module}.bias" and kind == "lora" and not serving_safe and n not in skipped
-                    treatment[n] = "lora_bias" if lora_bias else "left_out"
-        else:
-            # PEFT loads a saved module with all its parameters, changed or not.
-            treatment |= {n: kind for n in (names if kind == "modules_to_save" else changed)}
-    if "lora_bias" in treatment.values() and "lora_embedding" in treatment.values():
-        # PEFT (0.21) refuses lora_bias on a model with Embedding LoRA; saving the embedding
-        # whole loses nothing.
-        moved = sorted(n for n, t in treatment.items() if t == "lora_embedding")
-        for name in moved:
-            module = _module(name)[0]
-            treatment |= {n: "modules_to_save" for n in by_module[module]}
-        warnings.warn(
-            f"PEFT cannot combine lora_bias with embedding LoRA: {', '.join(moved)} saved whole "
-            "(modules_to_save); exclude the bias deltas (-x '*.bias') to get embedding LoRA",
-            stacklevel=3,
-        )
-    ckpt.release()
-    base.release()
-    specs = [matrices[n] for n, t in sorted(treatment.items()) if t in ("lora", "lora_embedding")]
-    return _Plan(treatment, specs)
-
-
-def _plan_factorized(ckpt: Checkpoint, include: Sequence[str], exclude: Sequence[str]) -> _Plan:
+def _plan_factorized(ckpt: Checkpoint, include: Sequence[str], exclude: Sequence[str]) -> Plan:
     specs = [s for s in select_matrices(ckpt, include=include, exclude=exclude).specs if len(s.shape) == 2]
-    return _Plan({s.name: "factorized" for s in specs}, specs)
+    return Plan({s.name: "factorized" for s in specs}, specs)
 
 
 def _ranks(
-    plan: _Plan, ckpt: Checkpoint, base: Checkpoint | None, policy: RankPolicy, config: EngineConfig
-) -> tuple[dict[str, int], dict[str, float]]:
+    plan: Plan, ckpt: Checkpoint, base: Checkpoint | None, policy: RankPolicy, config: EngineConfig,
+    progress: ProgressCallback | None,
+) -> tuple[dict[str, int], dict[str, float]]:  # fmt: skip
     """Ranks by the policy, from the engine's spectra; and each matrix's ||W||_F^2."""
     layers: dict[str, LayerSpectrum] = {}
-    for result in spectra(plan.specs, ckpt, base=base, config=config):
+    for result in spectra(CheckpointSource(ckpt, plan.specs, base), config, progress=progress):
         if result.singular_values is None:
             raise LowrankAuditError(f"{ckpt.path}: tensor {result.spec.name!r} has NaN/Inf entries, not factorized")
         spec = result.spec
@@ -227,9 +117,10 @@ def compress(
     device: str = "auto",
     dtype: str = "float32",
     max_batch_mb: float = DEFAULT_MAX_BATCH_MB,
-    method: str = "auto",
+    method: str = DEFAULT_METHOD,
     seed: int = 0,
     command: str | None = None,
+    progress: ProgressCallback | None = None,
 ) -> pd.DataFrame:
     """Write a PEFT LoRA adapter of ``path - base`` (with ``base``) or a factorized checkpoint.
 
@@ -246,6 +137,7 @@ def compress(
         force: Replace an existing output folder.
         device, dtype, max_batch_mb, method, seed: As for :func:`lowrank_audit.spectrum`.
         command: Command line recorded in the report's provenance.
+        progress: Called with cumulative progress after each batch of each stage.
 
     Returns:
         The compress report (columns in :data:`COMPRESS_COLUMNS`), also written to
@@ -258,46 +150,39 @@ def compress(
         LowrankAuditError: A matrix holds NaN/Inf, or verification of the written files
             fails. Nothing is written then.
     """
-    if embeddings not in EMBEDDINGS:
-        raise OptionError(f"embeddings must be one of {', '.join(EMBEDDINGS)} but got {embeddings!r}")
+    if embeddings not in peft.EMBEDDINGS:
+        raise OptionError(f"embeddings must be one of {', '.join(peft.EMBEDDINGS)} but got {embeddings!r}")
     policy = policy or RankPolicy.create()
     config = EngineConfig.create(device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, seed=seed)
-    out = Path(out)
     with ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(path))
         base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
-        inputs = [ckpt.path, *([base_ckpt.path] if base_ckpt is not None else [])]
+        out = check_target(out, [ckpt.path, *([base_ckpt.path] if base_ckpt else [])], force=force, folder=True)
         if base_ckpt is not None:
-            plan = _plan_adapter(ckpt, base_ckpt, embeddings=embeddings, serving_safe=serving_safe,
-                                 include=include, exclude=exclude)  # fmt: skip
+            plan = peft.plan_adapter(ckpt, base_ckpt, embeddings=embeddings, serving_safe=serving_safe,
+                                     include=include, exclude=exclude)  # fmt: skip
         else:
             if serving_safe or embeddings != "save":
                 raise OptionError("--serving-safe and --embeddings apply to adapters: give --base")
             plan = _plan_factorized(ckpt, include, exclude)
-        ranks, energies = _ranks(plan, ckpt, base_ckpt, policy, config)
-        tmp = _prepare_out(out, inputs, force)
-        try:
+        ranks, energies = _ranks(plan, ckpt, base_ckpt, policy, config, progress)
+        with atomic_folder(out, force=force) as tmp:
             if base_ckpt is not None:
-                rows = _write_adapter(plan, ranks, ckpt, base_ckpt, config, tmp)
+                rows = _write_adapter(plan, ranks, ckpt, base_ckpt, config, tmp, progress)
             else:
-                rows = _write_factorized(plan, ranks, ckpt, config, tmp)
+                rows = _write_factorized(plan, ranks, ckpt, config, tmp, progress)
             total = sum(r["update_share"] for r in rows)
             for r in rows:
                 r["update_share"] = r["update_share"] / total if total > 0 else 0.0
-            metadata = {
-                "tool_version": __version__,
-                "command": command or f"lowrank_audit.compress({str(path)!r}, {str(out)!r}, base={base!r})",
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "inputs": {"checkpoint": {"path": str(ckpt.path), "files": [file_digest(f) for f in ckpt.files]}}
-                | ({"base": {"path": str(base_ckpt.path)}} if base_ckpt is not None else {}),
-                "policy": policy.describe(),
-                "options": {"embeddings": embeddings, "serving_safe": serving_safe, "method": method, "seed": seed},
-            }
+            metadata = provenance(
+                command=command or f"lowrank_audit.compress({str(path)!r}, {str(out)!r}, base={base!r})",
+                inputs=checkpoint_inputs(ckpt, base_ckpt),
+                device=config.device_name,
+                policy=policy.describe(),
+                options={"embeddings": embeddings, "serving_safe": serving_safe, "method": method, "seed": seed},
+            )
             frame = build_frame(rows, metadata, schema=COMPRESS_SCHEMA)
             write_report(frame, tmp / REPORT_NAME, schema=COMPRESS_SCHEMA)
-            _publish(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return frame
 
 
@@ -305,7 +190,7 @@ def _row(name: str, treatment: str, shape: Sequence[int], **values: Any) -> dict
     matrix = len(shape) == 2
     row = {
         "name": name,
-        "module": _module(name)[0],
+        "module": module_of(name)[0],
         "treatment": treatment,
         "rows": shape[0] if matrix else None,
         "cols": shape[1] if matrix else None,
@@ -316,13 +201,14 @@ def _row(name: str, treatment: str, shape: Sequence[int], **values: Any) -> dict
 
 
 def _write_adapter(
-    plan: _Plan, ranks: dict[str, int], ckpt: Checkpoint, base: Checkpoint, config: EngineConfig, folder: Path
-) -> list[dict[str, Any]]:
+    plan: Plan, ranks: dict[str, int], ckpt: Checkpoint, base: Checkpoint, config: EngineConfig, folder: Path,
+    progress: ProgressCallback | None,
+) -> list[dict[str, Any]]:  # fmt: skip
     tensors: dict[str, torch.Tensor] = {}
     made: dict[str, Factors] = {}
-    for f in factors(plan.specs, ckpt, base=base, ranks=ranks, config=config):
+    for f in factors(CheckpointSource(ckpt, plan.specs, base), ranks, config, progress=progress):
         name = f.spec.name
-        module = _module(name)[0]
+        module = module_of(name)[0]
         a, b = _split(f, _torch_dtype(f.spec.dtype))
         if plan.treatment[name] == "lora_embedding":
             # PEFT's Embedding adds (one_hot(x) @ A^T) @ B^T: A^T = U sqrt(S), B^T = sqrt(S) Vh.
@@ -332,15 +218,15 @@ def _write_adapter(
             names = peft.lora_names(module)
             tensors[names[0]], tensors[names[1]] = a, b
         made[name] = f
-    lora_modules = {_module(n)[0]: n for n, t in plan.treatment.items() if t in ("lora", "lora_embedding")}
+    lora_modules = {module_of(n)[0]: n for n, t in plan.treatment.items() if t in ("lora", "lora_embedding")}
     lora_bias = any(t == "lora_bias" for t in plan.treatment.values())
     saved = set()
     for name, treatment in sorted(plan.treatment.items()):
         if treatment == "lora_bias":
-            tensors[peft.lora_bias_name(_module(name)[0])] = ckpt[name] - base[name]
+            tensors[peft.lora_bias_name(module_of(name)[0])] = ckpt[name] - base[name]
         elif treatment == "modules_to_save":
             tensors[peft.saved_name(name)] = ckpt[name]
-            saved.add(_module(name)[0])
+            saved.add(module_of(name)[0])
     if lora_bias:
         # PEFT gives every LoRA layer a bias once lora_bias is set: zero where nothing changed.
         for module, weight in lora_modules.items():
@@ -349,13 +235,15 @@ def _write_adapter(
                 tensors.setdefault(
                     peft.lora_bias_name(module), torch.zeros(rows, dtype=_torch_dtype(made[weight].spec.dtype))
                 )
-    config_json = peft.lora_config({_module(n)[0]: ranks[n] for n in made}, modules_to_save=saved, lora_bias=lora_bias)
+    config_json = peft.lora_config(
+        {module_of(n)[0]: ranks[n] for n in made}, modules_to_save=saved, lora_bias=lora_bias
+    )
     peft.write_adapter(tensors, config_json, folder)
     return _verify_adapter(plan, made, ckpt, base, folder / peft.WEIGHTS_NAME)
 
 
 def _verify_adapter(
-    plan: _Plan, made: dict[str, Factors], ckpt: Checkpoint, base: Checkpoint, written: Path
+    plan: Plan, made: dict[str, Factors], ckpt: Checkpoint, base: Checkpoint, written: Path
 ) -> list[dict[str, Any]]:
     """Re-open the adapter and measure each tensor against the update it stands for."""
     rows = []
@@ -364,7 +252,7 @@ def _verify_adapter(
             delta = _exact_update(name, ckpt, base)
             energy = float(delta.square().sum())
             shape = list(delta.shape)
-            module = _module(name)[0]
+            module = module_of(name)[0]
             if name in made:
                 if treatment == "lora_embedding":
                     a_t, b_t = (adapter.get_tensor(k).double() for k in peft.embedding_names(module))
@@ -415,12 +303,13 @@ def _check_factors(
 
 
 def _write_factorized(
-    plan: _Plan, ranks: dict[str, int], ckpt: Checkpoint, config: EngineConfig, folder: Path
-) -> list[dict[str, Any]]:
+    plan: Plan, ranks: dict[str, int], ckpt: Checkpoint, config: EngineConfig, folder: Path,
+    progress: ProgressCallback | None,
+) -> list[dict[str, Any]]:  # fmt: skip
     # A matrix whose factors hold at least as many entries as itself stays dense.
     dense = {s.name for s in plan.specs if ranks[s.name] * (s.rows + s.cols) >= s.rows * s.cols}
     todo = [s for s in plan.specs if s.name not in dense]
-    made = {f.spec.name: f for f in factors(todo, ckpt, ranks=ranks, config=config)}
+    made = {f.spec.name: f for f in factors(CheckpointSource(ckpt, todo), ranks, config, progress=progress)}
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}
     for name in ckpt:
@@ -457,41 +346,4 @@ def _write_factorized(
     return rows
 
 
-def expand(path: str | Path, out: str | Path, *, force: bool = False) -> Path:
-    """Multiply a factorized checkpoint back into a dense safetensors file.
-
-    Args:
-        path: A folder written by :func:`compress` without base, or its ``model.safetensors``.
-        out: The dense ``.safetensors`` file: original names, shapes and dtypes; every
-            tensor that was not factorized is copied unchanged.
-        force: Replace an existing ``out``.
-
-    Raises:
-        CheckpointError: ``path`` is not a factorized checkpoint.
-        OptionError: ``out`` exists without ``force``, or is the input.
-    """
-    path, out = Path(path), Path(out)
-    source = path / lowrank.WEIGHTS_NAME if path.is_dir() else path
-    if not source.exists():
-        raise CheckpointError(f"{source}: no such file")
-    check_output_path(out, [path, source])
-    if out.exists() and not force:
-        raise OptionError(f"output {out} exists; use --force to replace it")
-    layout = lowrank.layout(source)
-    factor_of = {n: name for name in layout for n in lowrank.factor_names(name)}
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(source), "pt") as f:
-        for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-            if name in factor_of:
-                matrix = factor_of[name]
-                if matrix not in tensors:
-                    a_name, b_name = lowrank.factor_names(matrix)
-                    tensors[matrix] = lowrank.dense(f.get_tensor(a_name), f.get_tensor(b_name), layout[matrix])
-            else:
-                tensors[name] = f.get_tensor(name)
-    with atomic_path(out) as tmp:
-        save_file(dict(sorted(tensors.items())), tmp, metadata={"format": "pt"})
-    return out
-
-
-__all__ = ["COMPRESS_COLUMNS", "COMPRESS_SCHEMA", "REPORT_NAME", "compress", "expand"]
+__all__ = ["COMPRESS_COLUMNS", "COMPRESS_SCHEMA", "REPORT_NAME", "compress"]

@@ -22,8 +22,8 @@ from fnmatch import fnmatchcase
 
 import torch
 
-from lowrank_audit.checkpoint import Checkpoint, TensorInfo
 from lowrank_audit.errors import NoMatricesSelected, ShapeMismatchError
+from lowrank_audit.io.checkpoint import Checkpoint, TensorInfo
 
 MIN_SIDE = 2
 _LAYER = re.compile(r"^\d+$")

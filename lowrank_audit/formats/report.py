@@ -8,11 +8,8 @@ file metadata under the key ``lowrank_audit``; :func:`read_report` restores it.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lowrank_audit.errors import CheckpointError, OptionError
+from lowrank_audit.errors import CheckpointError
+from lowrank_audit.io.outputs import atomic_file
 
 METADATA_KEY = "lowrank_audit"
 # (column, type, meaning). The order is the file's column order; tests pin it.
@@ -78,80 +76,30 @@ def _to_frame(table: pa.Table, metadata: dict[str, Any]) -> pd.DataFrame:
     return frame
 
 
-def file_digest(path: Path) -> dict[str, Any]:
-    """Path, size and SHA-256 of one input file."""
-    sha = hashlib.sha256()
-    try:
-        with path.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                sha.update(chunk)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read for hashing: {exc.strerror or exc}") from exc
-    return {"path": str(path), "size": path.stat().st_size, "sha256": sha.hexdigest()}
+def write_report(frame: pd.DataFrame, path: str | Path, *, schema: pa.Schema = SCHEMA, force: bool = False) -> Path:
+    """Write a report to Parquet atomically (:func:`lowrank_audit.io.outputs.atomic_file`).
 
-
-def refuse_overwriting_inputs(out: Path, inputs: Iterable[Path], *, option: str = "--out") -> None:
-    """Refuse an output that is an input, lies inside an input folder, or contains an input.
-
-    Raises:
-        OptionError: Writing ``out`` could touch an input.
-    """
-    target = out.resolve()
-    for path in inputs:
-        src = path.resolve()
-        if target == src or (src.is_dir() and target.is_relative_to(src)) or src.is_relative_to(target):
-            raise OptionError(f"output {out} would overwrite input {path}; choose another {option}")
-
-
-def check_output_path(out: Path, inputs: Iterable[Path], *, option: str = "--out") -> None:
-    """Refuse a report path that could overwrite an input, or that is a folder.
-
-    Raises:
-        OptionError: ``out`` is an input file, an input folder, inside or around one, or a folder.
-    """
-    refuse_overwriting_inputs(out, inputs, option=option)
-    if out.resolve().is_dir():
-        raise OptionError(f"output {out} is a folder; give a file name such as {out / 'report.parquet'}")
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside ``path`` to write to; renamed onto ``path`` when the block ends
-    without error, removed otherwise, so ``path`` is never left half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_report(frame: pd.DataFrame, path: str | Path, *, schema: pa.Schema = SCHEMA) -> Path:
-    """Write a report to Parquet atomically: a temporary file beside ``path``, then a rename.
+    The file carries pandas' own metadata besides ours, so plain ``pd.read_parquet``
+    restores the nullable integer columns (``layer``, ``expert``, ranks) as ``Int64``.
 
     Args:
         frame: A report from :func:`build_frame` (or read back by :func:`read_report`).
         path: Destination; parent folders are created.
         schema: The frame's schema: the spectrum report's unless another report's.
+        force: Replace an existing file.
 
     Returns:
         The path written.
+
+    Raises:
+        OptionError: ``path`` exists and ``force`` is False.
     """
     path = Path(path)
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     meta = json.dumps(frame.attrs.get(METADATA_KEY, {}), sort_keys=True, default=str)
-    table = table.replace_schema_metadata({METADATA_KEY: meta})
-    with atomic_path(path) as tmp:
+    table = table.replace_schema_metadata((table.schema.metadata or {}) | {METADATA_KEY.encode(): meta.encode()})
+    with atomic_file(path, force=force) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-    return path
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write a text file (UTF-8) atomically, like :func:`write_report`."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -176,13 +124,8 @@ __all__ = [
     "COLUMNS",
     "METADATA_KEY",
     "SCHEMA",
-    "atomic_path",
     "build_frame",
-    "check_output_path",
-    "file_digest",
     "read_report",
-    "refuse_overwriting_inputs",
     "schema_of",
     "write_report",
-    "write_text",
 ]

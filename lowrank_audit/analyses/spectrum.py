@@ -1,24 +1,25 @@
-"""The ``spectrum`` audit: checkpoint -> selection -> engine -> metrics -> report frame."""
+"""``spectrum``: checkpoint -> selection -> matrix source -> engine -> metrics -> report frame."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-from lowrank_audit import __version__
-from lowrank_audit.checkpoint import Checkpoint, open_checkpoint
+from lowrank_audit.engine.batches import ProgressCallback
+from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
+from lowrank_audit.engine.decompose import MatrixResult, spectra
+from lowrank_audit.engine.sources import CheckpointSource
 from lowrank_audit.errors import OptionError, UnpairedTensorsWarning
+from lowrank_audit.formats.report import build_frame, read_report
+from lowrank_audit.io.checkpoint import open_checkpoint
+from lowrank_audit.io.provenance import checkpoint_inputs, provenance
+from lowrank_audit.io.selection import Selection, select_matrices
 from lowrank_audit.metrics import matrix_metrics
-from lowrank_audit.report import build_frame, file_digest, read_report
-from lowrank_audit.selection import select_matrices
-from lowrank_audit.svd import DEFAULT_MAX_BATCH_MB, EngineConfig, MatrixResult, Progress, spectra
 
 
 def _row(result: MatrixResult, eps: float) -> dict[str, Any]:
@@ -45,14 +46,16 @@ def _row(result: MatrixResult, eps: float) -> dict[str, Any]:
     return row
 
 
-def _inputs(ckpt: Checkpoint) -> dict[str, Any]:
-    return {"path": str(ckpt.path), "files": [file_digest(f) for f in ckpt.files]}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return str(device)
+def warn_unpaired(selection: Selection) -> None:
+    """One warning listing (the first five) names found on one side of a pair only."""
+    if selection.unpaired:
+        listed = ", ".join(f"{n} ({why})" for n, why in list(selection.unpaired.items())[:5])
+        more = f" and {len(selection.unpaired) - 5} more" if len(selection.unpaired) > 5 else ""
+        warnings.warn(
+            f"{len(selection.unpaired)} tensors not paired with base, skipped: {listed}{more}",
+            UnpairedTensorsWarning,
+            stacklevel=3,
+        )
 
 
 def spectrum(
@@ -64,11 +67,11 @@ def spectrum(
     device: str = "auto",
     dtype: str = "float32",
     max_batch_mb: float = DEFAULT_MAX_BATCH_MB,
-    method: str = "auto",
+    method: str = DEFAULT_METHOD,
     rank_cap: int | None = None,
     seed: int = 0,
     command: str | None = None,
-    progress: Callable[[Progress], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> pd.DataFrame:
     """Singular-value spectrum and metrics of every matrix of a checkpoint, or of ``path - base``.
 
@@ -114,25 +117,16 @@ def spectrum(
         ckpt = stack.enter_context(open_checkpoint(path))
         base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
         selection = select_matrices(ckpt, base=base_ckpt, include=include, exclude=exclude)
-        if selection.unpaired:
-            listed = ", ".join(f"{n} ({why})" for n, why in list(selection.unpaired.items())[:5])
-            more = f" and {len(selection.unpaired) - 5} more" if len(selection.unpaired) > 5 else ""
-            warnings.warn(
-                f"{len(selection.unpaired)} tensors not paired with base, skipped: {listed}{more}",
-                UnpairedTensorsWarning,
-                stacklevel=2,
-            )
-        results = spectra(selection.specs, ckpt, base=base_ckpt, config=config, progress=progress)
+        warn_unpaired(selection)
+        source = CheckpointSource(ckpt, selection.specs, base=base_ckpt)
+        results = spectra(source, config, progress=progress)
         rows = sorted((_row(r, config.eps) for r in results), key=lambda r: (r["name"], r["expert"] or 0))
-        inputs = {"checkpoint": _inputs(ckpt)} | ({"base": _inputs(base_ckpt)} if base_ckpt is not None else {})
-    metadata = {
-        "tool_version": __version__,
-        "command": command or f"lowrank_audit.spectrum({str(path)!r}, base={str(base) if base else None!r})",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "inputs": inputs,
-        "device": _device_name(config.device),
-        "torch_version": torch.__version__,
-        "options": {
+        inputs = checkpoint_inputs(ckpt, base_ckpt)
+    metadata = provenance(
+        command=command or f"lowrank_audit.spectrum({str(path)!r}, base={str(base) if base else None!r})",
+        inputs=inputs,
+        device=config.device_name,
+        options={
             "dtype": dtype,
             "max_batch_mb": max_batch_mb,
             "method": method,
@@ -141,9 +135,9 @@ def spectrum(
             "include": list(include),
             "exclude": list(exclude),
         },
-        "skipped": selection.skipped,
-        "unpaired": selection.unpaired,
-    }
+        skipped=selection.skipped,
+        unpaired=selection.unpaired,
+    )
     return build_frame(rows, metadata)
 
 
@@ -166,4 +160,4 @@ def load_spectrum(source: str | Path, base: str | Path | None = None, **options:
     return spectrum(source, base, **options)
 
 
-__all__ = ["load_spectrum", "spectrum"]
+__all__ = ["load_spectrum", "spectrum", "warn_unpaired"]

@@ -1,0 +1,16 @@
+"""The ``lowrank-audit`` command line: parse, call one library function, render, map errors.
+
+``app`` holds the Typer app and the error mapper, ``options`` every option declared once,
+``render`` tables, JSON and progress; one module per command.
+"""
+
+from lowrank_audit.cli import check, compress, expand, recommend, spectrum  # noqa: F401 - registers the commands
+from lowrank_audit.cli.app import app
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main"]

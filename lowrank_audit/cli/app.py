@@ -1,0 +1,105 @@
+"""The ``lowrank-audit`` application: the Typer app, ``--version``, and the one error mapper.
+
+Each command lives in its own module and registers itself on :data:`app`; heavy modules
+(torch, pandas) are imported inside commands so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperGroup
+
+from lowrank_audit._version import __version__
+from lowrank_audit.cli.render import err_console, out_console
+from lowrank_audit.errors import LowrankAuditError
+
+
+class _NoFlagMetavar:
+    """``--help`` is a flag: show it without the ``<bool>`` placeholder Typer gives flags."""
+
+    def get_help_option(self, ctx: typer.Context) -> typer.core.TyperOption | None:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Command(_NoFlagMetavar, TyperCommand):
+    """Usage lines read ``lowrank-audit spectrum [OPTIONS] CHECKPOINT``, as in every Unix manual:
+    the metavar alone, not Typer's ``{CHECKPOINT}`` and ``<path>`` decorations."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+    def format_help(self, ctx: typer.Context, formatter: typer.core.click.HelpFormatter) -> None:
+        for param in self.params:
+            if isinstance(param, TyperArgument):
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+        super().format_help(ctx, formatter)
+
+
+class Group(_NoFlagMetavar, TyperGroup):
+    pass
+
+
+app = typer.Typer(
+    name="lowrank-audit",
+    cls=Group,
+    help="Spectral audits of neural-network checkpoints: singular values of every weight matrix or fine-tuning update, LoRA ranks, low-rank compression and a CI gate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn our errors into one red line and their exit code; only our own bugs print a traceback."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            err_console.print(f"[yellow]Warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+    except LowrankAuditError as err:
+        # escape: tensor names and TOML keys hold brackets that rich would read as markup
+        err_console.print(f"[red]Error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(err.exit_code) from None
+
+
+def command() -> typer.models.CommandFunctionType:
+    """Register a command on :data:`app` (every command goes through here)."""
+    return app.command(cls=Command)
+
+
+def command_line() -> str:
+    """The command line as typed, recorded in reports' provenance."""
+    return shlex.join(["lowrank-audit", *sys.argv[1:]])
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out_console.print(f"lowrank-audit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version and exit.", metavar=""
+        ),
+    ] = False,
+) -> None:
+    """Spectral audits of neural-network checkpoints."""

@@ -1,0 +1,126 @@
+"""``lowrank-audit compress``: a PEFT LoRA adapter of a fine-tune, or a factorized checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lowrank_audit.cli.app import command, command_line, user_errors
+from lowrank_audit.cli.options import (
+    DEFAULT_MAX_BATCH_MB,
+    DEFAULT_METHOD,
+    AvgRankOpt,
+    BudgetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EnergyOpt,
+    ExcludeOpt,
+    ForceOpt,
+    IncludeOpt,
+    JsonOpt,
+    MaxBatchOpt,
+    MaxRankOpt,
+    MethodOpt,
+    MinRankOpt,
+    QuietOpt,
+    RankOpt,
+    RoundToOpt,
+    SeedOpt,
+    TopOpt,
+    engine_options,
+    path_argument,
+    path_option,
+)
+from lowrank_audit.cli.recommend import rank_policy
+from lowrank_audit.cli.render import frame_rows, line, out_console, print_json, progress_bar, table
+
+TABLE = (("name", "layer", "{}"), ("treatment", "treatment", "{}"), ("rank", "rank", "{}"),
+         ("params_after", "params", "{:,}"), ("energy_kept", "kept", "{:.1%}"),
+         ("relative_error", "error", "{:.3f}"))  # fmt: skip
+JSON_COLUMNS = ("name", "module", "treatment", "rows", "cols", "rank", "params_before", "params_after", "energy_kept",
+                "relative_error", "update_share")  # fmt: skip
+
+
+@command()
+def compress(
+    checkpoint: Annotated[Path, path_argument("CHECKPOINT", "Checkpoint to compress (the fine-tune, with --base).")],
+    out: Annotated[Path, path_option("--out", "Output folder (refused if it exists, unless --force).", "-o")],
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            "-b",
+            help="Base checkpoint: write the update CHECKPOINT - BASE as a PEFT LoRA adapter. Without it, write a factorized checkpoint.",
+            metavar="PATH",
+        ),
+    ] = None,
+    energy: EnergyOpt = None,
+    rank: RankOpt = None,
+    budget_params: BudgetOpt = None,
+    avg_rank: AvgRankOpt = None,
+    min_rank: MinRankOpt = 1,
+    max_rank: MaxRankOpt = None,
+    round_to: RoundToOpt = 1,
+    embeddings: Annotated[
+        str,
+        typer.Option(
+            help="Adapters: embeddings and lm_head as full modules_to_save (save) or as LoRA (lora).",
+            metavar="save|lora",
+        ),
+    ] = "save",
+    serving_safe: Annotated[
+        bool,
+        typer.Option(
+            help="Adapters: LoRA on Linear layers only (no modules_to_save, lora_bias, embeddings or lm_head); what is left out is reported with its share of the update.",
+            metavar="",
+        ),
+    ] = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    method: MethodOpt = DEFAULT_METHOD,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    max_batch_mb: MaxBatchOpt = DEFAULT_MAX_BATCH_MB,
+    seed: SeedOpt = 0,
+    top: TopOpt = 50,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Write a PEFT LoRA adapter of a fine-tune (--base), or a low-rank factorized checkpoint.
+
+    Each matrix is split as B = U sqrt(S), A = sqrt(S) Vh at the rank the options choose. The written files are re-opened and checked layer by layer; compress-report.parquet beside them gives rank, parameters, energy kept and relative error per tensor.
+
+    Example: lowrank-audit compress finetuned.safetensors --base base.safetensors --energy 0.9 --out adapter/
+    """
+    with user_errors():
+        from lowrank_audit.analyses.compress import REPORT_NAME
+        from lowrank_audit.analyses.compress import compress as run_compress
+
+        policy = rank_policy(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to)
+        started = time.perf_counter()
+        with progress_bar(not (quiet or as_json)) as progress:
+            report = run_compress(
+                checkpoint, out, base=base, policy=policy, embeddings=embeddings, serving_safe=serving_safe,
+                include=include or (), exclude=exclude or (), force=force, command=command_line(),
+                progress=progress, **engine_options(method, device, dtype, max_batch_mb, seed),
+            )  # fmt: skip
+        elapsed = time.perf_counter() - started
+        before, after = int(report["params_before"].sum()), int(report["params_after"].sum())
+        left = report[report["treatment"] == "left_out"]
+        if as_json:
+            print_json({"out": str(out), "policy": policy.describe(), "params_before": before, "params_after": after,
+                        "left_out_share": float(left["update_share"].sum()), "seconds": round(elapsed, 3),
+                        "rows": frame_rows(report, JSON_COLUMNS)})  # fmt: skip
+            return
+        if top and not quiet:
+            shown = report.head(top)
+            title = f"compress ({policy.describe()}; {len(shown)} of {len(report)} tensors)"
+            out_console.print(table(shown.to_dict("records"), TABLE, title))
+        text = f"{before:,} -> {after:,} parameters ({before / max(after, 1):.1f}x smaller)"
+        if not left.empty:
+            text += f"; {len(left)} tensors left out, {left['update_share'].sum():.2%} of the update"
+        line(f"{text}; verified and written to {out} ({REPORT_NAME}) in {elapsed:.2f} s")

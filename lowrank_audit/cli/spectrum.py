@@ -1,0 +1,145 @@
+"""``lowrank-audit spectrum``: the singular-value spectrum of every matrix or update."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+from lowrank_audit.cli.app import command, command_line, user_errors
+from lowrank_audit.cli.options import (
+    DEFAULT_MAX_BATCH_MB,
+    DEFAULT_METHOD,
+    CheckpointArg,
+    DeviceOpt,
+    DtypeOpt,
+    ExcludeOpt,
+    ForceOpt,
+    IncludeOpt,
+    JsonOpt,
+    MaxBatchOpt,
+    MethodOpt,
+    QuietOpt,
+    RankCapOpt,
+    SeedOpt,
+    TopOpt,
+    base_option,
+    engine_options,
+    path_option,
+)
+from lowrank_audit.cli.render import frame_rows, line, missing, out_console, print_json, progress_bar, table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# The summary table after the module name: (report column, heading, format).
+TABLE = (
+    ("label", "module", "{}"),
+    ("matrix", "shape", "{}"),
+    ("spectral_norm", "σ₁", "{:.3g}"),
+    ("effective_rank", "erank", "{:.1f}"),
+    ("k90", "k90", "{}"),
+    ("k95", "k95", "{}"),
+    ("k99", "k99", "{}"),
+    ("signal_rank", "signal", "{}"),
+    ("k95_ratio", "k95%", "{:.0%}"),
+)
+JSON_COLUMNS = (
+    "name", "expert", "kind", "role", "layer", "rows", "cols", "dtype", "frobenius_norm", "spectral_norm",
+    "nuclear_norm", "stable_rank", "effective_rank", "numerical_rank", "k90", "k95", "k99", "k95_ratio",
+    "signal_rank", "condition_number", "nonfinite", "method", "k",
+)  # fmt: skip
+
+
+def summary_rows(frame: pd.DataFrame, top: int) -> list[dict]:
+    ranked = frame[frame["k95_ratio"].notna()].sort_values(["k95_ratio", "name"]).head(top)
+    rows = ranked.to_dict("records")
+    for row in rows:
+        row["label"] = row["module"] + ("" if missing(row["expert"]) else f"[{row['expert']}]")
+        row["matrix"] = f"{row['rows']}×{row['cols']}"
+    return rows
+
+
+def json_summary(frame: pd.DataFrame, out: Path | None) -> dict:
+    meta = frame.attrs["lowrank_audit"]
+    return {
+        "tool_version": meta["tool_version"],
+        "inputs": meta["inputs"],
+        "device": meta["device"],
+        "report": str(out) if out else None,
+        "matrices": len(frame),
+        "nonfinite_matrices": int((frame["nonfinite"] > 0).sum()),
+        "skipped": meta["skipped"],
+        "unpaired": meta["unpaired"],
+        "rows": frame_rows(frame, JSON_COLUMNS),
+    }
+
+
+def render(frame: pd.DataFrame, top: int, elapsed: float, out: Path | None, quiet: bool) -> None:
+    meta = frame.attrs["lowrank_audit"]
+    if top and not quiet:
+        rows = summary_rows(frame, top)
+        what = "updates (checkpoint - base)" if (frame["kind"] == "delta").all() else "matrices"
+        out_console.print(table(rows, TABLE, f"Most low-rank {what} ({len(rows)} of {len(frame)}, by k95%)"))
+    for row in frame[frame["nonfinite"] > 0].to_dict("records"):
+        line(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf entries; not decomposed")
+    capped = int((frame["k95"].isna() & (frame["method"] == "randomized")).sum())
+    if capped:
+        line(f"{capped} matrices: 95 % of the energy not reached within --rank-cap; k95 left empty")
+    tensors = frame["name"].nunique()
+    text = f"Audited {len(frame)} matrices from {tensors} tensors on {meta['device']} in {elapsed:.2f} s"
+    text += f"; {len(meta['skipped'])} tensors skipped (not matrices)" if meta["skipped"] else ""
+    line(text + (f"; report written to {out}" if out else ""))
+
+
+@command()
+def spectrum(
+    checkpoint: CheckpointArg,
+    base: Annotated[
+        Path | None, base_option("Base checkpoint: audit the update CHECKPOINT - BASE instead of the weights.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        path_option(
+            "--out", "Write the full report (one row per matrix, singular values included) to this Parquet file.", "-o"
+        ),
+    ] = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    method: MethodOpt = DEFAULT_METHOD,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    max_batch_mb: MaxBatchOpt = DEFAULT_MAX_BATCH_MB,
+    rank_cap: RankCapOpt = None,
+    seed: SeedOpt = 0,
+    top: TopOpt = 20,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Singular-value spectrum of every weight matrix, or of every fine-tuning update with --base.
+
+    Audits every floating tensor with two or more dimensions: 3-D tensors as stacked experts, convolution kernels flattened to out x (in*kh*kw). Reports norms, stable and effective rank, energy ranks k90/k95/k99, the Gavish-Donoho signal rank and more; --out writes them all, with the singular values, to Parquet.
+
+    Example: lowrank-audit spectrum finetuned.safetensors --base base.safetensors --out r.parquet
+    """
+    with user_errors():
+        from lowrank_audit.analyses.spectrum import spectrum as run_spectrum
+        from lowrank_audit.formats.report import write_report
+        from lowrank_audit.io.outputs import check_target
+
+        if out is not None:
+            check_target(out, [checkpoint] + ([base] if base else []), force=force)
+        started = time.perf_counter()
+        with progress_bar(not (quiet or as_json)) as progress:
+            frame = run_spectrum(
+                checkpoint, base, include=include or (), exclude=exclude or (), command=command_line(),
+                progress=progress, **engine_options(method, device, dtype, max_batch_mb, seed, rank_cap),
+            )  # fmt: skip
+        elapsed = time.perf_counter() - started
+        if out is not None:
+            write_report(frame, out, force=force)
+        if as_json:
+            print_json(json_summary(frame, out))
+        else:
+            render(frame, top, elapsed, out, quiet)

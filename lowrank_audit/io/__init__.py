@@ -1,0 +1,1 @@
+"""Everything that touches files: checkpoints in, matrix selection, atomic outputs, provenance."""
