@@ -161,3 +161,57 @@ def test_method_options(samples):
     assert_one_line_error(
         invoke("spectrum", samples / "base.safetensors", "--method", "exact", "--rank-cap", "4"), "rank-cap"
     )
+
+
+COMMANDS = ["spectrum", "recommend", "compress", "expand", "check"]
+
+
+def test_help_has_no_type_placeholders():
+    for command in ["", *COMMANDS]:
+        done = subprocess.run(
+            [sys.executable, "-m", "lowrank_audit", *([command] if command else []), "--help"],
+            capture_output=True, text=True, check=True, env={"COLUMNS": "200", "PATH": ""},
+        )  # fmt: skip
+        for placeholder in ("<bool>", "<path>", "<str>", "<list", "{"):
+            assert placeholder not in done.stdout, (command, placeholder)
+        if command:
+            assert "--force" in done.stdout, command
+
+
+def test_help_placeholder_check_can_fail():
+    # Negative control: Typer's own rendering of a bare app shows the placeholders the test above forbids.
+    import typer
+    from typer.testing import CliRunner
+
+    bare = typer.Typer()
+
+    @bare.command()
+    def go(path: Path, flag: bool = False) -> None: ...
+
+    output = CliRunner().invoke(bare, ["--help"], env={"COLUMNS": "200"}).output
+    assert "<bool>" in output and "{path}" in output and "<path>" in output
+
+
+def test_quiet_leaves_only_the_verdict(samples):
+    for args in (
+        ["spectrum", samples / "finetuned.safetensors"],
+        ["recommend", samples / "finetuned.safetensors", "--base", samples / "base.safetensors"],
+    ):
+        loud, quiet = invoke(*args), invoke(*args, "--quiet")
+        assert loud.exit_code == quiet.exit_code == 0
+        assert len(loud.stdout.splitlines()) > 5 and len(quiet.stdout.strip().splitlines()) == 1, quiet.stdout
+
+
+def test_json_and_top_in_every_reporting_command(samples, tmp_path):
+    ft, base = samples / "finetuned.safetensors", samples / "base.safetensors"
+    runs = {
+        "spectrum": invoke("spectrum", ft, "--base", base, "--json"),
+        "recommend": invoke("recommend", ft, "--base", base, "--json"),
+        "compress": invoke("compress", ft, "--base", base, "--rank", "2", "--out", tmp_path / "a", "--json"),
+    }
+    for command, result in runs.items():
+        assert result.exit_code == 0, (command, result.output)
+        data = json.loads(result.stdout)
+        assert len(data["rows"]) >= 14, command
+    top = invoke("recommend", ft, "--base", base, "--top", "3")
+    assert "3 of 16 layers" in top.stdout and "model.embed_tokens" in top.stdout and "model.layers.1" not in top.stdout
