@@ -5,10 +5,13 @@ Run from anywhere (about 10 s on one CPU core)::
     python sample_checkpoints/make_samples.py            # writes next to this script
     python sample_checkpoints/make_samples.py --out DIR  # or into DIR
 
-Everything is seeded and runs on one thread, so the ``.safetensors``, ``.json`` and
-``.npz`` files come out byte-identical on every run on the same machine and torch
-version (a test checks this). ``torch.save`` stamps each ``.bin`` with a random
-serialization id, so those compare by tensor content instead.
+Everything is seeded and runs on one thread, so reruns on one machine, with one torch
+version, write the same bytes. Across machines only part of that holds: ATen picks its
+CPU kernels at run time (AVX-512, AVX2 or scalar; ``ATEN_CPU_CAPABILITY`` overrides the
+choice), they round differently in the last bits, and 340 training steps amplify those
+bits to about 1e-4 of a tensor. So ``tests/test_samples.py`` pins the bytes only where no
+floating-point arithmetic is involved (the file list, the JSON files, the safetensors
+headers) and compares tensors, spectra and ranks within stated tolerances.
 
 What is made and the facts tests rely on are listed in ``README.md`` beside this file.
 """
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     out = parser.parse_args(argv).out
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)  # one thread: bit-reproducible matmuls
+    torch.set_num_threads(1)  # one thread: bit-reproducible on one machine (see the module docstring)
     gen = torch.Generator().manual_seed(SEED)
     torch.manual_seed(SEED)
 
