@@ -23,6 +23,7 @@ _EXPORTS = {
     "NoMatricesSelected": "lowrank_audit.errors",
     "OptionError": "lowrank_audit.errors",
     "PolicyError": "lowrank_audit.errors",
+    "RuleNotEvaluable": "lowrank_audit.errors",
     "UnpairedTensorsWarning": "lowrank_audit.errors",
 }
 __all__ = ["__version__", *_EXPORTS]
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
         NoMatricesSelected,
         OptionError,
         PolicyError,
+        RuleNotEvaluable,
         ShapeMismatchError,
         UnpairedTensorsWarning,
     )

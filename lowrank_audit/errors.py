@@ -31,3 +31,20 @@ class UnpairedTensorsWarning(UserWarning):
 
 class PolicyError(LowrankAuditError, ValueError):
     """A check policy is malformed; the message names the file and the key."""
+
+
+class RuleNotEvaluable(LowrankAuditError, ValueError):
+    """A check rule cannot run (a missing ``--base`` or ``--baseline``, a column absent from a
+    report, globs that match nothing) and its policy does not allow skipping it.
+
+    ``blocked`` holds ``(rule, reason)`` for every such rule, in policy order.
+    """
+
+    def __init__(self, message: str, blocked: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.blocked = blocked
+
+
+class VerificationError(LowrankAuditError, RuntimeError):
+    """Files just written do not reproduce what they stand for (checked on re-reading them);
+    the message names the file, the module or tensor and by how much. Nothing is written."""

@@ -5,6 +5,13 @@ has one (searched from the working directory upwards, as ruff does), or a file g
 explicitly. :func:`check` evaluates it on a report, and on a baseline report for drift, and
 returns a :class:`CheckResult`: one :class:`RuleResult` per rule with its :class:`Finding`
 objects. The library never decides exit codes; the CLI maps a failed result to 1.
+
+A check never passes on a rule it could not evaluate: a rule that cannot run (it needs
+``--base`` or ``--baseline``, a column is absent from a report, its globs match nothing)
+raises :class:`~lowrank_audit.errors.RuleNotEvaluable`, unless its table says
+``unevaluable = "skip"``; then it is reported as skipped, with the reason. The built-in
+``forbid-added-layers`` and ``forbid-removed-layers`` rules, on in every policy, are
+skipped without a baseline.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from lowrank_audit.errors import OptionError, PolicyError
+from lowrank_audit.errors import OptionError, PolicyError, RuleNotEvaluable
 from lowrank_audit.formats.report import COLUMNS, METADATA_KEY
 from lowrank_audit.rules import (
     DEFAULT_TOLERANCE,
+    UNEVALUABLE,
     AdapterRankRule,
     BoundRule,
     DriftRule,
@@ -32,6 +40,9 @@ from lowrank_audit.rules import (
     Rule,
     RuleResult,
     Scope,
+    blocker,
+    plural,
+    unmet,
 )
 
 if sys.version_info >= (3, 11):
@@ -43,6 +54,8 @@ TABLE = ("tool", "lowrank-audit", "check")
 NUMERIC_COLUMNS = tuple(name for name, dtype, _ in COLUMNS if pa.types.is_integer(dtype) or pa.types.is_floating(dtype))
 # Figures that count directions: divided by min(rows, cols) they compare across shapes.
 RANK_COLUMNS = ("stable_rank", "effective_rank", "numerical_rank", "k90", "k95", "k99", "signal_rank", "k")
+# Columns every rule reads to identify rows (rules.labels) and to tell weights from updates.
+IDENTITY_COLUMNS = ("name", "expert", "kind")
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,7 @@ class CheckResult:
 
     @property
     def passed(self) -> bool:
-        """True when no rule failed (skipped rules do not fail a check)."""
+        """True when no rule failed (a rule is skipped only where its policy allows it)."""
         return not any(r.status == "failed" for r in self.results)
 
     @property
@@ -67,11 +80,12 @@ class CheckResult:
         return sum(r.status == status for r in self.results)
 
     def headline(self) -> str:
-        """``3 of 5 rules hold`` (skipped ones not counted as holding), or ``1 of 5 rules broken, 3 findings``."""
-        rules = len(self.results)
+        """``3 of 5 rules hold, 2 skipped`` (skipped ones do not hold), or ``1 of 5 rules broken, 1 finding``."""
+        rules, skipped = plural(len(self.results), "rule"), self.count("skipped")
+        tail = f", {skipped} skipped" if skipped else ""
         if self.passed:
-            return f"{rules - self.count('skipped')} of {rules} rules hold"
-        return f"{self.count('failed')} of {rules} rules broken, {len(self.findings)} findings"
+            return f"{len(self.results) - skipped} of {rules} {'hold' if rules.endswith('s') else 'holds'}{tail}"
+        return f"{self.count('failed')} of {rules} broken, {plural(len(self.findings), 'finding')}{tail}"
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,45 @@ def _provenance_path(report: pd.DataFrame, fallback: str) -> str:
     return f"{path} - {inputs['base']['path']}" if "base" in inputs else path
 
 
+def _refuse(blocked: list[tuple[str, str]]) -> None:
+    """Raise the one error for every rule that cannot run and may not be skipped."""
+    if not blocked:
+        return
+    fix = 'a gate never passes a rule it could not evaluate (to skip it instead, set unevaluable = "skip" in its table)'
+    if len(blocked) == 1:
+        ((rule, reason),) = blocked
+        raise RuleNotEvaluable(f"rule '{rule}' cannot run: {reason}; {fix}", tuple(blocked))
+    rules = "; ".join(f"'{rule}': {reason}" for rule, reason in blocked)
+    raise RuleNotEvaluable(f"{len(blocked)} rules cannot run: {rules}; {fix}", tuple(blocked))
+
+
+def require_inputs(policy: Policy, *, updates: bool, baseline: bool) -> None:
+    """Refuse, before any audit, a check whose rules need an input it will not have.
+
+    The same refusal as :func:`check`'s, known early: a rule needing ``--base`` when the
+    report will hold weights, or ``--baseline`` when none is given.
+
+    Args:
+        policy: The rules.
+        updates: The report will hold updates (a checkpoint audited with a base).
+        baseline: A baseline report will be given.
+
+    Raises:
+        RuleNotEvaluable: A rule needs what is missing and its policy does not allow skipping it.
+    """
+    _refuse([
+        (rule.label, reason)
+        for rule in policy.rules
+        if rule.unevaluable != "skip" and (reason := unmet(rule, updates=updates, baseline=baseline))
+    ])  # fmt: skip
+
+
+def _identify(frame: pd.DataFrame, what: str) -> None:
+    absent = [column for column in IDENTITY_COLUMNS if column not in frame.columns]
+    if absent:
+        raise OptionError(f"{what} has no column {', '.join(absent)}; pass a spectrum report (lowrank_audit.spectrum)")
+
+
 def check(report: pd.DataFrame, policy: Policy | None = None, *, baseline: pd.DataFrame | None = None) -> CheckResult:
     """Evaluate a policy's rules on a spectrum report (and a baseline report, for drift).
 
@@ -95,23 +148,43 @@ def check(report: pd.DataFrame, policy: Policy | None = None, *, baseline: pd.Da
         report: A spectrum report (see :func:`lowrank_audit.spectrum`).
         policy: The rules; the defaults (``forbid-nonfinite`` and, with a baseline, no
             added or removed layers) when None.
-        baseline: An earlier report of the same kind, for drift and membership rules;
-            without it those rules are skipped.
+        baseline: An earlier report of the same kind, for drift and membership rules.
+            Without it, drift rules cannot run, and membership rules are skipped.
 
     Returns:
-        One :class:`RuleResult` per rule; ``result.passed`` is False when any failed.
+        One :class:`RuleResult` per rule; ``result.passed`` is False when any failed. A rule
+        that could not run is in it, as skipped with the reason, only where its policy
+        allows it (``unevaluable = "skip"``; always for membership rules).
 
     Raises:
-        OptionError: ``report`` and ``baseline`` audit different kinds (weights vs updates).
+        RuleNotEvaluable: Some rule cannot run (it needs updates or a baseline, a column it
+            reads is absent from a report, its globs match nothing) and may not be skipped;
+            the message names each such rule and what it lacks.
+        OptionError: ``report`` and ``baseline`` audit different kinds (weights vs updates),
+            or one of them lacks the columns that identify rows.
+
+    Example:
+        >>> result = check(report, load_policy("gate.toml"), baseline=read_report("last.parquet"))
+        >>> result.passed, result.headline()
+        (False, '1 of 5 rules broken, 3 findings')
     """
     policy = policy or parse_policy({})
+    _identify(report, "the report")
     if baseline is not None:
+        _identify(baseline, "the baseline")
         new, old = ("/".join(sorted(set(frame["kind"].dropna()))) for frame in (report, baseline))
         if new != old:
             raise OptionError(f"the baseline holds {old} rows but the source {new} rows; compare like with like")
-    results = tuple(rule.evaluate(report, baseline) for rule in policy.rules)
+    results, blocked = [], []
+    for rule in policy.rules:
+        reason = blocker(rule, report, baseline)
+        result = RuleResult(rule.label, 0, skipped=reason) if reason else rule.evaluate(report, baseline)
+        if result.skipped and rule.unevaluable != "skip":
+            blocked.append((rule.label, result.skipped))
+        results.append(result)
+    _refuse(blocked)
     base = _provenance_path(baseline, "baseline report") if baseline is not None else None
-    return CheckResult(results, _provenance_path(report, "report"), policy.source, base)
+    return CheckResult(tuple(results), _provenance_path(report, "report"), policy.source, base)
 
 
 _TOML_TYPES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
@@ -197,10 +270,15 @@ class _Table:
 _SCOPE_KEYS = ("layers", "roles", "name")
 _KEYS = {
     "check": ("forbid-nonfinite", "rule", "adapter-rank", "drift", "forbid-added-layers", "forbid-removed-layers"),
-    "rule": ("column", "min", "max", "relative", "missing", *_SCOPE_KEYS),
-    "adapter-rank": ("rank", "tolerance", *_SCOPE_KEYS),
-    "drift": ("column", "max", "missing", *_SCOPE_KEYS),
+    "rule": ("column", "min", "max", "relative", "missing", "unevaluable", *_SCOPE_KEYS),
+    "adapter-rank": ("rank", "tolerance", "unevaluable", *_SCOPE_KEYS),
+    "drift": ("column", "max", "missing", "unevaluable", *_SCOPE_KEYS),
 }
+
+
+def _unevaluable(t: _Table) -> str:
+    """``unevaluable``: "error" (the default: a rule that cannot run stops the check) or "skip"."""
+    return t.choice("unevaluable", UNEVALUABLE, "error")
 
 
 def _bound_rule(t: _Table) -> BoundRule:
@@ -214,7 +292,7 @@ def _bound_rule(t: _Table) -> BoundRule:
     if relative and column not in RANK_COLUMNS:
         raise t.fail("relative", f"applies to rank columns ({', '.join(RANK_COLUMNS)}), not {column}")
     missing = t.choice("missing", ("fail", "skip"), "fail")
-    return BoundRule(column, low, high, relative, missing, t.scope(), t.get("name", "a string", None))
+    return BoundRule(column, low, high, relative, missing, t.scope(), t.get("name", "a string", None), _unevaluable(t))
 
 
 def _adapter_rank_rule(t: _Table) -> AdapterRankRule:
@@ -224,7 +302,7 @@ def _adapter_rank_rule(t: _Table) -> AdapterRankRule:
     tolerance = t.get("tolerance", "a finite number", DEFAULT_TOLERANCE)
     if not 0 < tolerance < 1:
         raise t.fail("tolerance", f"must be between 0 and 1 (a share of sigma_1) but got {tolerance}")
-    return AdapterRankRule(rank, float(tolerance), t.scope(), t.get("name", "a string", None))
+    return AdapterRankRule(rank, float(tolerance), t.scope(), t.get("name", "a string", None), _unevaluable(t))
 
 
 def _drift_rule(t: _Table) -> DriftRule:
@@ -233,7 +311,7 @@ def _drift_rule(t: _Table) -> DriftRule:
     if limit < 0:
         raise t.fail("max", f"must be at least 0 (a relative change, 0.05 for 5 %) but got {limit}")
     missing = t.choice("missing", ("fail", "skip"), "fail")
-    return DriftRule(column, float(limit), missing, t.scope(), t.get("name", "a string", None))
+    return DriftRule(column, float(limit), missing, t.scope(), t.get("name", "a string", None), _unevaluable(t))
 
 
 def parse_policy(data: dict[str, Any], *, file: str = "policy", where: str = "", source: str | None = None) -> Policy:
@@ -308,4 +386,5 @@ def load_policy(path: str | Path | None = None, *, start: str | Path | None = No
     return parse_policy({})
 
 
-__all__ = ["NUMERIC_COLUMNS", "RANK_COLUMNS", "TABLE", "CheckResult", "Policy", "check", "load_policy", "parse_policy"]
+__all__ = ["NUMERIC_COLUMNS", "RANK_COLUMNS", "TABLE", "CheckResult", "Policy", "check", "load_policy",
+           "parse_policy", "require_inputs"]  # fmt: skip

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowrank_audit.errors import OptionError
+from lowrank_audit.io.selection import MatrixSpec
 from lowrank_audit.metrics import energy_rank
 
 DEFAULT_ENERGY = 0.95
@@ -79,6 +80,31 @@ class RankPolicy:
             energy = DEFAULT_ENERGY
         return cls(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to)
 
+    @property
+    def per_matrix(self) -> bool:
+        """Whether each matrix's rank depends on that matrix alone (energy or fixed rank), not on a budget."""
+        return self.budget_params is None and self.avg_rank is None
+
+    def rank_for(self, spec: MatrixSpec, s: np.ndarray, energy: float) -> int | None:
+        """The rank :func:`allocate` gives one matrix, from the top of its spectrum known so far.
+
+        A :class:`~lowrank_audit.engine.needs.Need`: the engine grows a randomized sketch
+        until this answers, so a fixed rank (known before any value) costs one pass of
+        that width and an energy target only as many values as it takes, with
+        ``min_rank``, ``round_to`` and ``max_rank`` applied.
+
+        Args:
+            spec: The matrix (its name and shape).
+            s: Its top singular values known so far, float64 descending, possibly empty.
+            energy: Its ||W||_F^2.
+
+        Returns:
+            The rank, or None while ``s`` does not settle it.
+        """
+        if not self.per_matrix:
+            raise ValueError(f"a budget ({self.describe()}) allocates across matrices, not per matrix")
+        return _rank_from_top(LayerSpectrum(spec.name, spec.rows, spec.cols, s, energy), self)
+
     def describe(self) -> str:
         if self.rank is not None:
             return f"rank {self.rank}"
@@ -128,8 +154,7 @@ def _kept(layer: LayerSpectrum, rank: int) -> float:
 def _shape(k: int, layer: LayerSpectrum, policy: RankPolicy) -> int:
     """Apply min_rank, round_to (up), then max_rank and min(m, n) (down)."""
     k = math.ceil(max(k, policy.min_rank) / policy.round_to) * policy.round_to
-    cap = layer.side if policy.max_rank is None else min(layer.side, policy.max_rank)
-    return min(k, cap)
+    return min(k, _cap(layer, policy))
 
 
 def allocate(layers: Sequence[LayerSpectrum], policy: RankPolicy) -> list[Allocation]:
@@ -144,25 +169,41 @@ def allocate(layers: Sequence[LayerSpectrum], policy: RankPolicy) -> list[Alloca
     elif policy.rank is not None:
         ranks = [_shape(policy.rank, layer, policy) for layer in layers]
     else:
-        ranks = [_shape(_energy_rank(layer, policy.energy), layer, policy) for layer in layers]
+        ranks = [_per_matrix(layer, policy) for layer in layers]
     return [
         Allocation(layer.name, k, _kept(layer, k), k * (layer.rows + layer.cols))
         for layer, k in zip(layers, ranks, strict=True)
     ]
 
 
-def _energy_rank(layer: LayerSpectrum, target: float) -> int:
+def _cap(layer: LayerSpectrum, policy: RankPolicy) -> int:
+    return layer.side if policy.max_rank is None else min(layer.side, policy.max_rank)
+
+
+def _rank_from_top(layer: LayerSpectrum, policy: RankPolicy) -> int | None:
+    """A per-matrix policy's rank for ``layer``; None when its known values do not settle it."""
+    if policy.rank is not None:
+        return _shape(policy.rank, layer, policy)
+    known = len(layer.singular_values)
     if layer.energy == 0:
-        return 0  # an unchanged matrix: min_rank decides
-    if target >= 1:
-        return layer.side  # every component, however small: energy 1.0 means full rank
-    k = energy_rank(layer.singular_values, layer.energy, target)
-    if k is None and len(layer.singular_values) >= layer.side:
-        return layer.side  # the whole spectrum, short of the target by rounding only
+        k: int | None = 0  # an unchanged matrix: min_rank decides
+    elif policy.energy >= 1:
+        k = layer.side  # every component, however small: energy 1.0 means full rank
+    else:
+        k = energy_rank(layer.singular_values, layer.energy, policy.energy)
+    if k is None and known >= layer.side:
+        k = layer.side  # the whole spectrum, short of the target by rounding only
+    if k is None and known >= _cap(layer, policy):
+        return _cap(layer, policy)  # the energy rank lies beyond the known values, hence beyond the cap
+    return None if k is None else _shape(k, layer, policy)
+
+
+def _per_matrix(layer: LayerSpectrum, policy: RankPolicy) -> int:
+    k = _rank_from_top(layer, policy)
     if k is None:
         raise OptionError(
             f"{layer.name}: the {len(layer.singular_values)} singular values known hold less than "
-            f"{target} of its energy; audit it with --method exact"
+            f"{policy.energy} of its energy; audit it with --method exact"
         )
     return k
 
@@ -175,6 +216,11 @@ def _greedy(layers: Sequence[LayerSpectrum], policy: RankPolicy) -> list[int]:
     result keeps the most energy of any allocation costing no more than it does. It stops
     at the first chunk that does not fit: skipping it for a cheaper one further down would
     lose that guarantee.
+
+    A truncated spectrum (a randomized audit) says nothing of the components past its
+    last value except that none holds more than that value. When such an unknown chunk
+    would be the best next buy and fit the budget, the allocation cannot be certified and
+    an error says so, rather than silently stopping short of that matrix's share.
     """
     budget = policy.budget_params
     if budget is None:
@@ -186,23 +232,35 @@ def _greedy(layers: Sequence[LayerSpectrum], policy: RankPolicy) -> list[int]:
             f"budget of {budget:,} parameters is below the {spent:,} that --min-rank "
             f"{policy.min_rank} costs on {len(layers)} matrices"
         )
-    cap = [layer.side if policy.max_rank is None else min(layer.side, policy.max_rank) for layer in layers]
-    heap: list[tuple[float, int, int]] = []
+    cap = [_cap(layer, policy) for layer in layers]
+    heap: list[tuple[float, int, int, bool]] = []
 
     def push(i: int) -> None:
         layer, start = layers[i], ranks[i]
-        stop = min(start + policy.round_to, cap[i], len(layer.singular_values))
-        if stop > start:
-            gain = float(np.sum(layer.singular_values[start:stop] ** 2))
-            heapq.heappush(heap, (-gain / ((stop - start) * (layer.rows + layer.cols)), i, stop))
+        s = layer.singular_values
+        stop = min(start + policy.round_to, cap[i])
+        if stop <= start:
+            return
+        gain = float(np.sum(s[start:stop] ** 2))
+        unknown = stop > len(s)
+        if unknown:  # past the known values: at most the last known each, and what the known leave
+            rest = max(layer.energy - float(np.sum(s**2)), 0.0)
+            gain += min((stop - max(start, len(s))) * float(s[-1] ** 2) if len(s) else rest, rest)
+            unknown = gain > 0  # nothing left to find is known to be nothing
+        heapq.heappush(heap, (-gain / ((stop - start) * (layer.rows + layer.cols)), i, stop, unknown))
 
     for i in range(len(layers)):
         push(i)
     while heap:
-        _, i, stop = heapq.heappop(heap)
+        _, i, stop, unknown = heapq.heappop(heap)
         cost = (stop - ranks[i]) * (layers[i].rows + layers[i].cols)
         if spent + cost > budget:
             break
+        if unknown:
+            raise OptionError(
+                f"{layers[i].name}: the budget reaches past the {len(layers[i].singular_values)} singular values "
+                f"known of this matrix (a truncated spectrum); audit it with --method exact"
+            )
         spent += cost
         ranks[i] = stop
         push(i)

@@ -1,7 +1,10 @@
 """The rules of a check: each measures one thing on a spectrum report and returns its findings.
 
-A rule is a frozen dataclass with a ``label`` (how results name it) and an ``evaluate``
-method taking the report and the baseline report (None when there is none). Rows are
+A rule is a frozen dataclass with a ``label`` (how results name it), what it ``needs``
+besides the report (keys of :data:`NEEDS`), the report ``columns`` it reads, whether it may
+be skipped when it cannot run (``unevaluable``), and an ``evaluate`` method taking the report
+and the baseline report. :func:`blocker` says why a rule cannot run; ``evaluate`` is called
+only when it can (it still reports a scope that matches nothing as skipped). Rows are
 identified across reports by :func:`labels`: the tensor name, with ``[expert]`` for a
 matrix of a 3-D tensor. :mod:`lowrank_audit.policy` reads rules from TOML and runs them.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pandas as pd
@@ -27,11 +30,20 @@ from lowrank_audit.metrics import rank_above
 # and float16; bfloat16 merges of small updates need a larger tolerance (README, "check").
 DEFAULT_TOLERANCE = 1e-2
 NO_VALUE = "—"
+# What a rule can need besides the report, and the reason given when the check lacks it.
+NEEDS = {"updates": "needs --base BASE", "baseline": "needs --baseline REPORT"}
+# A rule that cannot run stops the check (exit 2), or, when its policy allows it, is skipped.
+UNEVALUABLE = ("error", "skip")
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 finding``, ``2 findings``: a count and its noun, in the number the count needs."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One layer breaking one rule (``layer`` is ``—`` when the rule matched nothing)."""
+    """One layer breaking one rule."""
 
     rule: str
     layer: str
@@ -43,7 +55,7 @@ class Finding:
 
 @dataclass(frozen=True)
 class RuleResult:
-    """A rule's outcome: layers checked, findings, or why it was not applicable."""
+    """A rule's outcome: layers checked and findings, or why it could not run (``skipped``)."""
 
     rule: str
     checked: int
@@ -70,22 +82,64 @@ class Scope:
                 keep &= report[column].fillna("").map(lambda v, g=globs: any(fnmatchcase(v, p) for p in g))
         return keep
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The report columns the scope reads besides ``name``."""
+        return ("role",) if self.roles else ()
+
     def describe(self) -> str:
         parts = [
             f"{key} {', '.join(globs)}" for key, globs in (("layers", self.layers), ("roles", self.roles)) if globs
         ]
         return f" on {'; '.join(parts)}" if parts else ""
 
-    def no_match(self, rule: str, where: str = "the report") -> Finding:
-        """The finding of a rule that selects nothing: a typo must not pass silently."""
-        scope = self.describe().removeprefix(" on ") or "every layer"
-        return Finding(rule, NO_VALUE, None, NO_VALUE, scope, f"matches no layer of {where}")
+    def no_match(self, where: str = "layer of the report") -> str:
+        """Why a rule that selects nothing cannot run: a typo must not pass silently."""
+        scope = self.describe().removeprefix(" on ")
+        return f"{scope} match no {where}" if scope else f"no {where}"
 
 
 class Rule(Protocol):
-    label: str
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def needs(self) -> tuple[str, ...]: ...
+
+    @property
+    def columns(self) -> tuple[str, ...]: ...
+
+    @property
+    def unevaluable(self) -> str: ...
 
     def evaluate(self, report: pd.DataFrame, baseline: pd.DataFrame | None) -> RuleResult: ...
+
+
+def unmet(rule: Rule, *, updates: bool, baseline: bool) -> str | None:
+    """What the rule needs that the check will not have (known before any audit), or None.
+
+    Args:
+        rule: The rule.
+        updates: The report holds updates (SOURCE - BASE).
+        baseline: A baseline report is given.
+    """
+    have = {"updates": updates, "baseline": baseline}
+    return next((NEEDS[need] for need in rule.needs if not have[need]), None)
+
+
+def blocker(rule: Rule, report: pd.DataFrame, baseline: pd.DataFrame | None) -> str | None:
+    """Why the rule cannot run on these reports (an unmet need, an absent column), or None."""
+    updates = bool((report["kind"] == "delta").any())
+    if reason := unmet(rule, updates=updates, baseline=baseline is not None):
+        return reason
+    frames = [("the report", report)]
+    if baseline is not None and "baseline" in rule.needs:
+        frames.append(("the baseline", baseline))
+    for where, frame in frames:
+        absent = [column for column in rule.columns if column not in frame.columns]
+        if absent:
+            return f"column{'s' * (len(absent) > 1)} {', '.join(absent)} absent from {where}"
+    return None
 
 
 def labels(report: pd.DataFrame) -> list[str]:
@@ -112,10 +166,10 @@ def _unknown(rule: str, layer: str, limit: str, row: dict[str, Any], column: str
 
 def _why_empty(row: dict[str, Any], column: str) -> str:
     """Why a report cell is null, with the fix."""
-    if row["method"] == "skipped":
+    if row.get("method") == "skipped":
         return f"{column} unknown: not decomposed (non-finite entries)"
-    if row["method"] == "randomized":
-        return f"{column} unknown: only the top {row['k']} singular values computed; audit with --method exact"
+    if row.get("method") == "randomized":
+        return f"{column} unknown: only the top {row.get('k')} singular values computed; audit with --method exact"
     return f"{column} undefined for this matrix"
 
 
@@ -124,6 +178,9 @@ class NonfiniteRule:
     """``forbid-nonfinite``: no matrix may hold NaN or Inf."""
 
     label: str = "forbid-nonfinite"
+    needs: ClassVar[tuple[str, ...]] = ()
+    columns: ClassVar[tuple[str, ...]] = ("nonfinite",)
+    unevaluable: ClassVar[str] = "error"  # on in every policy unless turned off
 
     def evaluate(self, report: pd.DataFrame, baseline: pd.DataFrame | None) -> RuleResult:
         bad = report["nonfinite"] > 0
@@ -145,6 +202,12 @@ class BoundRule:
     missing: str = "fail"
     scope: Scope = Scope()
     name: str | None = None
+    unevaluable: str = "error"
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column, *(("rows", "cols") if self.relative else ()), *self.scope.columns)
 
     @property
     def figure(self) -> str:
@@ -163,7 +226,7 @@ class BoundRule:
     def evaluate(self, report: pd.DataFrame, baseline: pd.DataFrame | None) -> RuleResult:
         rows = report[self.scope.mask(report)]
         if rows.empty:
-            return RuleResult(self.label, 0, (self.scope.no_match(self.label),))
+            return RuleResult(self.label, 0, skipped=self.scope.no_match())
         findings = []
         for layer, row in zip(labels(rows), rows.to_dict("records"), strict=True):
             value = row[self.column]
@@ -188,17 +251,21 @@ class AdapterRankRule:
     tolerance: float = DEFAULT_TOLERANCE
     scope: Scope = Scope()
     name: str | None = None
+    unevaluable: str = "error"
+    needs: ClassVar[tuple[str, ...]] = ("updates",)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("singular_values", "spectral_norm", "method", *self.scope.columns)
 
     @property
     def label(self) -> str:
         return self.name or f"adapter rank ≤ {self.rank} at {self.tolerance:g}·σ₁{self.scope.describe()}"
 
     def evaluate(self, report: pd.DataFrame, baseline: pd.DataFrame | None) -> RuleResult:
-        if not (report["kind"] == "delta").any():
-            return RuleResult(self.label, 0, skipped="needs updates: check SOURCE with --base BASE")
         rows = report[(report["kind"] == "delta") & self.scope.mask(report)]
         if rows.empty:
-            return RuleResult(self.label, 0, (self.scope.no_match(self.label),))
+            return RuleResult(self.label, 0, skipped=self.scope.no_match("update"))
         limit, findings = f"≤ {self.rank}", []
         for layer, row in zip(labels(rows), rows.to_dict("records"), strict=True):
             s = row["singular_values"]
@@ -234,21 +301,27 @@ class DriftRule:
     missing: str = "fail"
     scope: Scope = Scope()
     name: str | None = None
+    unevaluable: str = "error"
+    needs: ClassVar[tuple[str, ...]] = ("baseline",)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column, *self.scope.columns)
 
     @property
     def label(self) -> str:
         return self.name or f"{self.column} drift ≤ {_percent(self.max)}{self.scope.describe()}"
 
     def evaluate(self, report: pd.DataFrame, baseline: pd.DataFrame | None) -> RuleResult:
-        if baseline is None:
-            return RuleResult(self.label, 0, skipped="needs a baseline: pass --baseline REPORT")
+        if baseline is None:  # check() never gets here (see blocker); a direct caller might
+            return RuleResult(self.label, 0, skipped=NEEDS["baseline"])
         before = dict(zip(labels(baseline), baseline.to_dict("records"), strict=True))
         rows = report[self.scope.mask(report)]
         pairs = [
             (layer, row) for layer, row in zip(labels(rows), rows.to_dict("records"), strict=True) if layer in before
         ]
         if not pairs:
-            return RuleResult(self.label, 0, (self.scope.no_match(self.label, "both reports"),))
+            return RuleResult(self.label, 0, skipped=self.scope.no_match("layer in both reports"))
         limit, findings = f"≤ {_percent(self.max)}", []
         for layer, row in pairs:
             new, old = row[self.column], before[layer][self.column]
@@ -269,14 +342,19 @@ class MembershipRule:
     """``forbid-added-layers`` / ``forbid-removed-layers``: the same matrices as the baseline."""
 
     added: bool
+    needs: ClassVar[tuple[str, ...]] = ("baseline",)
+    columns: ClassVar[tuple[str, ...]] = ()
+    # On in every policy, the built-in defaults included: without a baseline there is nothing
+    # to compare, and a check without --baseline must not stop on rules the user never wrote.
+    unevaluable: ClassVar[str] = "skip"
 
     @property
     def label(self) -> str:
         return f"forbid-{'added' if self.added else 'removed'}-layers"
 
     def evaluate(self, report: pd.DataFrame, baseline: pd.DataFrame | None) -> RuleResult:
-        if baseline is None:
-            return RuleResult(self.label, 0, skipped="needs a baseline: pass --baseline REPORT")
+        if baseline is None:  # check() never gets here (see blocker); a direct caller might
+            return RuleResult(self.label, 0, skipped=NEEDS["baseline"])
         new, old = (labels(report), labels(baseline)) if self.added else (labels(baseline), labels(report))
         known = set(old)
         word, where = ("added", "not in the baseline") if self.added else ("removed", "in the baseline only")
@@ -286,6 +364,8 @@ class MembershipRule:
 
 __all__ = [
     "DEFAULT_TOLERANCE",
+    "NEEDS",
+    "UNEVALUABLE",
     "AdapterRankRule",
     "BoundRule",
     "DriftRule",
@@ -295,6 +375,9 @@ __all__ = [
     "Rule",
     "RuleResult",
     "Scope",
+    "blocker",
     "labels",
+    "plural",
     "relative_change",
+    "unmet",
 ]

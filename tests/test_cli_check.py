@@ -70,18 +70,21 @@ def run_check(tmp_path: Path, *args: str) -> tuple[int, str, Path, Path]:
 def test_a_policy_that_holds_exits_0(tmp_path):
     code, output, junit, md = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, HOLDS))
     assert code == 0, output
-    assert "passed: 3 of 5 rules hold, 2 skipped" in output
+    assert output.endswith(
+        "passed: 3 of 5 rules hold, 2 skipped (forbid-added-layers, forbid-removed-layers: needs --baseline REPORT); "
+        f"policy: {tmp_path / 'gate.toml'}\n"
+    )
     cases = junit_cases(junit)
     assert list(cases) == ["forbid-nonfinite", "k95_ratio ≥ 0.25", "stable_rank ≤ 32 on layers *self_attn*",
                            "forbid-added-layers", "forbid-removed-layers"]  # fmt: skip
-    assert cases["forbid-added-layers"].find("skipped").get("message") == "needs a baseline: pass --baseline REPORT"
-    assert md.read_text().startswith("## ✅ lowrank-audit check passed: 3 of 5 rules hold (2 skipped)\n")
+    assert cases["forbid-added-layers"].find("skipped").get("message") == "needs --baseline REPORT"
+    assert md.read_text().startswith("## ✅ lowrank-audit check passed: 3 of 5 rules hold, 2 skipped\n")
 
 
 def test_a_bound_the_sample_breaks_exits_1_with_the_finding_everywhere(tmp_path):
     code, output, junit, md = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, FAILS))
     assert code == 1, output
-    assert "FAILED: 1 of 5 rules broken, 3 findings" in output
+    assert "FAILED: 1 of 5 rules broken, 3 findings, 2 skipped (" in output
     assert re.search(r"model\.layers\.0\.self_attn\.k_proj\.weight\s+11\.79\s+≤ 11", output)
     failure = junit_cases(junit)["stable_rank ≤ 11 on layers *self_attn*"].find("failure")
     assert failure.get("message") == (
@@ -107,6 +110,112 @@ def test_a_claimed_rank_the_update_exceeds_exits_1(tmp_path):
     ]
     assert "| `model.layers.1.mlp.down_proj.weight` | 57 | ≤ 16 |" in md.read_text()
     assert "model.layers.0.mlp.down_proj.weight" in output
+
+
+def test_one_finding_is_singular_in_every_output(tmp_path):
+    one = HOLDS.replace("max = 32", "max = 11.8")  # v_proj of layer 1 only: 11.81
+    code, output, junit, md = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, one))
+    assert code == 1 and "FAILED: 1 of 5 rules broken, 1 finding, 2 skipped (" in output
+    assert junit_cases(junit)["stable_rank ≤ 11.8 on layers *self_attn*"].find("system-out").text == (
+        "8 layers checked, 1 finding"
+    )
+    assert md.read_text().startswith("## ❌ lowrank-audit check failed: 1 of 5 rules broken, 1 finding, 2 skipped\n")
+    two = HOLDS.replace("max = 32", "max = 11.5")  # k_proj of layer 0 too: 11.79
+    code, output, *_ = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, two), "--top", "1")
+    assert code == 1 and "\n1 more finding not shown (--top" in output and ", 2 findings, " in output
+
+
+# --- rules that cannot run -----------------------------------------------------------------
+
+CLAIM = "[adapter-rank]\nrank = 16\n"
+CLAIM_LABEL = "adapter rank ≤ 16 at 0.01·σ₁"
+
+
+def test_an_adapter_rank_rule_without_base_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "spectrum.parquet"
+    code, output, junit, md = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, CLAIM), "-o", str(out))
+    assert code == 2
+    assert output == (
+        f"Error: rule '{CLAIM_LABEL}' cannot run: needs --base BASE; a gate never passes a rule it could not "
+        'evaluate (to skip it instead, set unevaluable = "skip" in its table)\n'
+    )
+    assert not junit.exists() and not md.exists() and not out.exists()
+    assert output.strip() in (ROOT / "docs" / "ci.md").read_text()  # the example there is this line
+    # A report of weights as SOURCE: refused the same way once read.
+    report = tmp_path / "weights.parquet"
+    assert runner.invoke(app, ["spectrum", FT, "-o", str(report), "-q"]).exit_code == 0
+    code, output, *_ = run_check(tmp_path, str(report), "--policy", write_policy(tmp_path, CLAIM))
+    assert code == 2 and output.startswith(f"Error: rule '{CLAIM_LABEL}' cannot run: needs --base BASE;")
+    # Negative control: with --base the same policy runs, and a full fine-tune breaks the claim.
+    code, output, *_ = run_check(tmp_path, FT, "--base", BASE, "--policy", write_policy(tmp_path, CLAIM))
+    assert code == 1 and "FAILED: 1 of 4 rules broken, 16 findings" in output
+
+
+def test_an_adapter_rank_rule_allowed_to_skip_says_so_in_the_verdict(tmp_path):
+    policy = write_policy(tmp_path, CLAIM + 'unevaluable = "skip"\n')
+    code, output, junit, md = run_check(tmp_path, FT, "--policy", policy, "--quiet")
+    assert code == 0
+    assert output == (  # --quiet: the verdict line alone
+        f"passed: 1 of 4 rules hold, 3 skipped ({CLAIM_LABEL}: needs --base BASE; forbid-added-layers, "
+        f"forbid-removed-layers: needs --baseline REPORT); policy: {policy}\n"
+    )
+    assert junit_cases(junit)[CLAIM_LABEL].find("skipped").get("message") == "needs --base BASE"
+    assert f"| ⏭️ | `{CLAIM_LABEL}` | — | skipped: needs --base BASE |" in md.read_text()
+    # Negative control: allowed to skip, it still runs and fails when it can.
+    code, *_ = run_check(tmp_path, FT, "--base", BASE, "--policy", policy)
+    assert code == 1
+
+
+def test_a_drift_rule_without_baseline_exits_2_unless_allowed(tmp_path):
+    drift = '[[drift]]\ncolumn = "spectral_norm"\nmax = 0.1\n'
+    code, output, junit, _ = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, drift))
+    assert code == 2 and not junit.exists()
+    assert output.startswith("Error: rule 'spectral_norm drift ≤ 10 %' cannot run: needs --baseline REPORT;")
+    code, output, junit, _ = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, drift + 'unevaluable = "skip"'))
+    assert code == 0 and "(spectral_norm drift ≤ 10 %, forbid-added-layers, forbid-removed-layers: needs" in output
+    assert junit_cases(junit)["spectral_norm drift ≤ 10 %"].find("skipped").get("message") == "needs --baseline REPORT"
+
+
+def test_a_glob_matching_nothing_exits_2_or_shows_in_the_table_when_allowed(tmp_path):
+    typo = '[[rule]]\ncolumn = "k95"\nroles = "q_prj"\nmax = 1000\n'
+    code, output, junit, _ = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, typo))
+    assert code == 2 and not junit.exists()
+    assert output.startswith(
+        "Error: rule 'k95 ≤ 1000 on roles q_prj' cannot run: roles q_prj match no layer of the report;"
+    )
+    code, output, junit, md = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, typo + 'unevaluable = "skip"'))
+    assert code == 0
+    assert re.search(r"skip\s+k95 ≤ 1000 on roles q_prj\s+—\s+roles q_prj match no layer of the report\s", output)
+    assert junit_cases(junit)["k95 ≤ 1000 on roles q_prj"].find("skipped").get("message") == (
+        "roles q_prj match no layer of the report"
+    )
+    assert (
+        "| ⏭️ | `k95 ≤ 1000 on roles q_prj` | — | skipped: roles q\\_prj match no layer of the report |"
+        in md.read_text()
+    )
+    # Negative control: spelled right, the rule checks the two q_proj matrices.
+    code, output, *_ = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, typo.replace("q_prj", "q_proj")))
+    assert code == 0 and re.search(r"pass\s+k95 ≤ 1000 on roles q_proj\s+2\s+0\s", output)
+
+
+def test_a_column_absent_from_a_report_exits_2_naming_rule_and_column(tmp_path, monkeypatch):
+    """An older report lacking a column (read_report refuses those files; a library caller may not)."""
+    import lowrank_audit.analyses.spectrum as analyses
+
+    report = read_report(_sample_report(tmp_path))
+    monkeypatch.setattr(analyses, "load_spectrum", lambda *args, **kwargs: report.drop(columns=["k95_ratio"]))
+    code, output, junit, _ = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, HOLDS))
+    assert code == 2 and not junit.exists()
+    assert output.startswith("Error: rule 'k95_ratio ≥ 0.25' cannot run: column k95_ratio absent from the report;")
+    # Negative control: the full report passes the same policy.
+    monkeypatch.setattr(analyses, "load_spectrum", lambda *args, **kwargs: report)
+    assert run_check(tmp_path, FT, "--policy", write_policy(tmp_path, HOLDS))[0] == 0
+
+
+def _sample_report(tmp_path: Path) -> Path:
+    path = tmp_path / "sample.parquet"
+    assert runner.invoke(app, ["spectrum", FT, "-o", str(path), "-q", "--force"]).exit_code == 0
+    return path
 
 
 def test_drift_against_a_baseline_made_from_the_base_exits_1(tmp_path):
@@ -248,9 +357,23 @@ def test_the_workflow_gate_step_runs_as_written(tmp_path):
     save_file(tensors, tmp_path / "broken.safetensors")
     for written in ("check.md", "check.xml", "spectrum.parquet"):  # a fresh CI job starts without them
         (tmp_path / written).unlink()
-    done = run_step("Audit and check", tmp_path, MODEL="broken.safetensors")
+    done = run_step("Audit and check", tmp_path, MODEL="broken.safetensors", BASELINE="last.parquet")
     assert done.returncode == 1
     assert "| ❌ | `forbid-nonfinite` | 16 | 1 |" in (tmp_path / "check.md").read_text()
     assert "model.layers.0.mlp.up_proj.weight" in junit_cases(tmp_path / "check.xml")["forbid-nonfinite"].find(
         "failure"
     ).get("message")
+
+
+def test_the_workflow_gate_step_on_a_first_release(tmp_path):
+    """No previous report: a drift rule stops the gate (exit 2, nothing written) unless it may be skipped."""
+    (tmp_path / "sample_checkpoints").symlink_to(SAMPLES)
+    drift = '[tool.lowrank-audit.check]\n[[tool.lowrank-audit.check.drift]]\ncolumn = "k95"\nmax = 0.25\n'
+    (tmp_path / "pyproject.toml").write_text(drift)
+    done = run_step("Audit and check", tmp_path)
+    assert done.returncode == 2 and not (tmp_path / "check.md").exists()
+    assert "Error: rule 'k95 drift ≤ 25 %' cannot run: needs --baseline REPORT;" in done.stderr
+    (tmp_path / "pyproject.toml").write_text(drift + 'unevaluable = "skip"  # the first release has no baseline\n')
+    done = run_step("Audit and check", tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| ⏭️ | `k95 drift ≤ 25 %` | — | skipped: needs --baseline REPORT |" in (tmp_path / "check.md").read_text()

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from lowrank_audit.analyses.recommend import RANKS_SCHEMA
+from lowrank_audit import spectrum
+from lowrank_audit.analyses.compress import COMPRESS_SCHEMA
+from lowrank_audit.analyses.recommend import RANKS_SCHEMA, peft_config, recommend
 from lowrank_audit.cli import app
+from lowrank_audit.errors import VerificationError
 from lowrank_audit.formats.report import read_report
+from lowrank_audit.ranks import RankPolicy
 from tests.conftest import SAMPLES
+from tests.pairs import energy_rank_of, write_pair
 
 BASE, FT = str(SAMPLES / "base.safetensors"), str(SAMPLES / "finetuned.safetensors")
 runner = CliRunner()
@@ -96,3 +102,76 @@ def test_compress_refuses_a_base_missing_a_module_and_an_output_over_an_input(tm
     assert result.exit_code == 2 and "would overwrite input" in result.output
     result = runner.invoke(app, ["expand", FT, "--out", str(tmp_path / "d.safetensors")])
     assert result.exit_code == 2 and "not a lowrank-audit factorized checkpoint" in result.output
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pair")
+    return write_pair(folder, unchanged=("model.layers.1.mlp.down_proj.weight",))
+
+
+def test_compress_energy_0995_randomized_succeeds_in_one_pass(pair, tmp_path):
+    base, ft, spectra = pair
+    out = tmp_path / "a"
+    args = ["compress", str(ft), "--base", str(base), "--energy", "0.995", "--method", "randomized", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = read_report(out / "compress-report.parquet", schema=COMPRESS_SCHEMA)
+    lora = report[report["treatment"] == "lora"]
+    assert set(lora["name"]) == {n for n, s in spectra.items() if s[0] > 0}  # the unchanged matrix is not there
+    for row in lora.to_dict("records"):
+        assert row["rank"] == energy_rank_of(spectra[row["name"]], 0.995)
+
+
+def test_a_failed_verification_names_the_module_and_the_distance(tmp_path, monkeypatch):
+    import lowrank_audit.analyses.compress as compress_module
+
+    split = compress_module._split
+
+    def corrupt(f, dtype):  # the factors written for one module are 5 % off
+        a, b = split(f, dtype)
+        return (a * 1.05, b) if f.spec.name == "model.layers.0.self_attn.q_proj.weight" else (a, b)
+
+    monkeypatch.setattr(compress_module, "_split", corrupt)
+    out = tmp_path / "adapter"
+    with pytest.raises(VerificationError) as err:
+        compress_module.compress(FT, out, base=BASE, policy=RankPolicy.create(rank=4))
+    message = str(err.value)
+    assert message.startswith(f"{out}: module 'model.layers.0.self_attn.q_proj' reproduces its rank-4 truncation")
+    assert "only to 5.0e-02 relative (tolerance 1e-05); nothing written" in message
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    result = runner.invoke(app, ["compress", FT, "--base", BASE, "--rank", "4", "--out", str(out)])
+    assert result.exit_code == 2 and result.output.startswith("Error:") and "Traceback" not in result.output
+    assert "module 'model.layers.0.self_attn.q_proj'" in result.output and "5.0e-02" in result.output
+    # Negative control: uncorrupted factors pass the same check.
+    monkeypatch.setattr(compress_module, "_split", split)
+    assert runner.invoke(app, ["compress", FT, "--base", BASE, "--rank", "4", "--out", str(out)]).exit_code == 0
+
+
+def test_recommend_leaves_unchanged_matrices_out_and_counts_them(pair, tmp_path):
+    base, ft, spectra = pair
+    ranks = recommend(ft, RankPolicy.create(energy=0.9), base=base)
+    assert ranks.attrs["lowrank_audit"]["unchanged"] == ["model.layers.1.mlp.down_proj.weight"]
+    assert set(ranks["name"]) == set(spectra) - {"model.layers.1.mlp.down_proj.weight"}
+    assert "model.layers.1.mlp.down_proj" not in peft_config(ranks)["target_modules"]
+    config = tmp_path / "cfg.json"
+    result = runner.invoke(app, ["recommend", str(ft), "--base", str(base), "--peft-config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "3 layers" in result.output and "1 unchanged matrices left out" in result.output
+    assert len(json.loads(config.read_text())["target_modules"]) == 3
+    # A report of the same update says the same.
+    report = spectrum(ft, base)
+    assert recommend(report, RankPolicy.create(energy=0.9))[["name", "rank"]].equals(ranks[["name", "rank"]])
+
+
+def test_recommend_energy_and_rank_targets_drive_the_randomized_audit(pair):
+    base, ft, spectra = pair
+    # 0.995 lies past the report's 0.99: the sketch grows to it instead of failing.
+    ranks = recommend(ft, RankPolicy.create(energy=0.995), base=base, method="randomized")
+    assert (ranks["rank"] == [energy_rank_of(spectra[n], 0.995) for n in ranks["name"]]).all()
+    # A fixed rank past the report's values gets that many, and the energy they hold.
+    ranks = recommend(ft, RankPolicy.create(rank=60), base=base, method="randomized")
+    for row in ranks.to_dict("records"):
+        s = spectra[row["name"]]
+        assert row["rank"] == 60
+        assert row["energy_kept"] == pytest.approx(np.sum(s[:60] ** 2) / np.sum(s**2), abs=1e-4)

@@ -77,7 +77,7 @@ def _merged_by_hand(folder, report) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter") / "a"
-    return out, compress(FT, out, base=BASE, policy=RankPolicy.create(energy=0.9), method="exact")
+    return out, compress(FT, out, base=BASE, policy=RankPolicy.create(energy=0.9), method="exact", bias="lora_bias")
 
 
 def test_peft_loads_the_adapter_with_no_missing_or_unexpected_keys_and_our_ranks(adapter):
@@ -104,7 +104,9 @@ def test_adapter_outputs_match_the_report_and_full_rank_matches_the_finetune(ada
     fine_tuned = _logits(_model(load_file(FT)))
     # Negative control: at energy 0.9 the truncation shows in the outputs.
     assert _rel(got, fine_tuned) > 100 * OUTPUT_RTOL
-    full = compress(FT, tmp_path / "full", base=BASE, policy=RankPolicy.create(energy=1.0), method="exact")
+    full = compress(
+        FT, tmp_path / "full", base=BASE, policy=RankPolicy.create(energy=1.0), method="exact", bias="lora_bias"
+    )
     assert (full.loc[full["treatment"] == "lora", "relative_error"] < 1e-5).all()
     assert _rel(_logits(_apply(tmp_path / "full")[0]), fine_tuned) < OUTPUT_RTOL
 
@@ -159,7 +161,7 @@ def test_embeddings_as_lora_load_and_apply(tmp_path):
 
 def test_embedding_lora_with_bias_deltas_saves_the_embedding_whole_and_says_so(tmp_path):
     with pytest.warns(UserWarning, match="PEFT cannot combine lora_bias with embedding LoRA"):
-        report = compress(FT, tmp_path / "w", base=BASE, embeddings="lora", method="exact")
+        report = compress(FT, tmp_path / "w", base=BASE, embeddings="lora", method="exact", bias="lora_bias")
     treatments = dict(zip(report["name"], report["treatment"], strict=True))
     assert treatments["model.embed_tokens.weight"] == "modules_to_save"
     assert _apply(tmp_path / "w")[1].missing_keys == []

@@ -34,11 +34,24 @@ def test_junit_counts_and_escaping():
     assert len(failing.find("failure").text.splitlines()) == 3
     assert skipped.find("skipped").get("message") == "needs a baseline" and passing.find("failure") is None
     assert [p.get("name") for p in suite.find("properties")] == ["source", "policy"]
+    assert [c.find("system-out").text for c in suite.findall("testcase")] == [
+        "3 layers checked, 3 findings", "0 layers checked, 0 findings", "2 layers checked, 0 findings",
+    ]  # fmt: skip
+
+
+def test_one_is_singular_everywhere():
+    root = ET.fromstring(junit_xml(result_with(1)))
+    assert root.find("testsuite/testcase/system-out").text == "1 layer checked, 1 finding"
+    text = markdown(result_with(1))
+    assert text.startswith("## ❌ lowrank-audit check failed: 1 of 3 rules broken, 1 finding, 1 skipped\n")
+    assert markdown(result_with(MARKDOWN_FINDINGS + 1)).endswith(
+        "… and 1 more finding: the JUnit report lists every finding.\n"
+    )
 
 
 def test_markdown_escapes_cells_and_caps_findings():
     text = markdown(result_with(MARKDOWN_FINDINGS + 5))
-    assert text.startswith("## ❌ lowrank-audit check failed: 1 of 3 rules broken, 105 findings\n")
+    assert text.startswith("## ❌ lowrank-audit check failed: 1 of 3 rules broken, 105 findings, 1 skipped\n")
     assert "**Source** `model\\|a.safetensors`" in text
     assert "| ⏭️ | `drift` | — | skipped: needs a baseline |" in text
     rows = [line for line in text.splitlines() if line.startswith("| `k95")]
@@ -47,6 +60,6 @@ def test_markdown_escapes_cells_and_caps_findings():
         rows[0]
         == "| `k95 ≤ 3 on layers *[qk]_proj*\\|x` | `layer.0.weight` | 4 | ≤ 3 | k95 = 4 is \\<above\\> the maximum 3 |"
     )
-    assert text.endswith("… and 5 more findings: every one is in the JUnit report.\n")
+    assert text.endswith("… and 5 more findings: the JUnit report lists every finding.\n")
     # Negative control: under the cap nothing is left out.
     assert "more findings" not in markdown(result_with(3))

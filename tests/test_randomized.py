@@ -1,4 +1,4 @@
-"""Randomized truncated SVD and adaptive energy ranks against exact float64 references."""
+"""The randomized sketch (fixed rank and adaptive energy ranks) against exact float64 references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 import lowrank_audit
 from lowrank_audit.engine.config import EngineConfig
-from lowrank_audit.engine.randomized import adaptive_singular_values, truncated_svd
+from lowrank_audit.engine.exact import Triplets
+from lowrank_audit.engine.randomized import BLOCK, adaptive_svd
 from lowrank_audit.errors import OptionError
 from lowrank_audit.metrics import energy_rank
 from tests.conftest import RANDOMIZED_ATOL, reference_singular_values, with_spectrum
@@ -22,10 +23,18 @@ def power_law(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return with_spectrum(rows, cols, 1 / torch.arange(1, side + 1, dtype=torch.float64), seed)
 
 
+def top_k(w: torch.Tensor, k: int, *, seed: int = 0, **kwargs) -> Triplets:
+    """The randomized top-k triplets of one float64 matrix, computed in float32; never the
+    exact fallback (``exact_fraction=1``) unless the caller says otherwise."""
+    kwargs = {"exact_fraction": 1.0} | kwargs
+    (t,) = adaptive_svd(w.float()[None], [lambda s: k], seeds=[seed], vectors=True, **kwargs)
+    return t
+
+
 def _top_error(w: torch.Tensor, k: int, **kwargs) -> float:
-    _, s, _ = truncated_svd(w.float()[None], k, seeds=[0], **kwargs)
+    t = top_k(w, k, **kwargs)
     ref = reference_singular_values(w)
-    return float(np.max(np.abs(s[0].double().numpy() - ref[:k]))) / ref[0]
+    return float(np.max(np.abs(t.s[:k].double().numpy() - ref[:k]))) / ref[0]
 
 
 @pytest.mark.parametrize(("rows", "cols"), SHAPES)
@@ -40,7 +49,8 @@ def test_top_k_values_within_tolerance_and_negative_control(rows, cols):
 def test_factors_are_near_optimal_rank_k_approximations(rows, cols):
     """Eckart-Young: ||W - U S Vh||_F^2 is close to the best possible, sum(s[k:]**2)."""
     w = power_law(rows, cols, seed=cols)
-    u, s, vh = (t[0].double() for t in truncated_svd(w.float()[None], 32, seeds=[1]))
+    t = top_k(w, 32, seed=1)
+    u, s, vh = t.u.double(), t.s[: t.rank].double(), t.vh.double()
     assert u.shape == (rows, 32) and vh.shape == (32, cols)
     ref = reference_singular_values(w)
     best = float(np.sum(ref[32:] ** 2))
@@ -53,6 +63,14 @@ def _ranks(s: np.ndarray, energy: float) -> tuple[int | None, ...]:
     return tuple(energy_rank(s, energy, t) for t in (0.90, 0.95, 0.99))
 
 
+def _energy_values(w: torch.Tensor, target: float, seed: int, **kwargs) -> tuple[torch.Tensor, str]:
+    """The values a spectrum report gets for ``target`` (at least BLOCK - OVERSAMPLE of them)."""
+    energy = float(torch.linalg.matrix_norm(w) ** 2)
+    need = [lambda s: energy_rank(s, energy, target)]
+    (t,) = adaptive_svd(w.float()[None], need, seeds=[seed], vectors=False, min_width=BLOCK, **kwargs)
+    return t.s, t.method
+
+
 def geometric(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     """s_i = 0.85**i: each step near a threshold moves the energy share by a clear margin."""
     side = min(rows, cols)
@@ -63,7 +81,7 @@ def geometric(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 def test_adaptive_energy_ranks_equal_exact_ones(rows, cols):
     w = geometric(rows, cols, seed=rows + cols)
     energy = float(torch.linalg.matrix_norm(w) ** 2)
-    ((s, method),) = adaptive_singular_values(w.float()[None], [energy], 0.99, seeds=[3])
+    s, method = _energy_values(w, 0.99, seed=3)
     assert method == "randomized" and len(s) <= min(rows, cols) / 4
     ref = reference_singular_values(w)
     assert _ranks(s.double().numpy(), energy) == _ranks(ref, energy) == (8, 10, 15)
@@ -75,7 +93,7 @@ def test_adaptive_rank_off_by_at_most_one_when_flat_at_the_threshold(rows, cols)
     # 2e-4 of the energy: an underestimate within tolerance may cost one more.
     w = power_law(rows, cols, seed=rows + cols)
     energy = float(torch.linalg.matrix_norm(w) ** 2)
-    ((s, method),) = adaptive_singular_values(w.float()[None], [energy], 0.99, seeds=[3])
+    s, method = _energy_values(w, 0.99, seed=3)
     assert method == "randomized"
     got, want = _ranks(s.double().numpy(), energy), _ranks(reference_singular_values(w), energy)
     assert got[:2] == want[:2]  # k90 and k95 lie where the curve is still steep
@@ -84,14 +102,12 @@ def test_adaptive_rank_off_by_at_most_one_when_flat_at_the_threshold(rows, cols)
 
 def test_flat_spectrum_falls_back_to_exact():
     w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))  # k99 near 190
-    ((s, method),) = adaptive_singular_values(w[None], [float(w.double().square().sum())], 0.99, seeds=[0])
+    s, method = _energy_values(w.double(), 0.99, seed=0)
     assert method == "exact" and len(s) == 200
 
 
 def test_rank_cap_stops_growth():
-    w = power_law(300, 200).float()
-    energy = float(w.double().square().sum())
-    ((s, method),) = adaptive_singular_values(w[None], [energy], 0.99, seeds=[0], rank_cap=20)
+    s, method = _energy_values(power_law(300, 200), 0.99, seed=0, rank_cap=20)
     assert method == "randomized" and len(s) == 20
 
 

@@ -114,3 +114,42 @@ def test_budget_below_min_rank_and_truncated_spectra_are_errors():
         allocate([top_only], RankPolicy.create(energy=0.9))
     with pytest.raises(OptionError, match="t: rank 8 needs 8 singular values"):
         allocate([top_only], RankPolicy.create(rank=8))
+
+
+def _spec(name: str, rows: int, cols: int):
+    from lowrank_audit.io.selection import MatrixSpec
+
+    return MatrixSpec(name, name, "proj", None, "delta", (rows, cols), "float32", rows, cols, 1)
+
+
+def test_rank_for_answers_once_the_known_values_settle_the_rank():
+    s = 0.9 ** np.arange(100.0)
+    energy = float(np.sum(s**2))
+    spec = _spec("w", 100, 120)
+    full = allocate([LayerSpectrum("w", 100, 120, s, energy)], RankPolicy.create(energy=0.95))[0].rank  # 15
+    policy = RankPolicy.create(energy=0.95)
+    assert policy.rank_for(spec, s[:10], energy) is None  # 10 values hold less than 95 %
+    assert policy.rank_for(spec, s[:40], energy) == policy.rank_for(spec, s, energy) == full == 15
+    # Shaping applies: rounded up, and a cap settles as soon as the values known reach it.
+    assert RankPolicy.create(energy=0.95, round_to=8).rank_for(spec, s[:40], energy) == 16
+    assert RankPolicy.create(energy=0.95, max_rank=6).rank_for(spec, s[:6], energy) == 6
+    assert RankPolicy.create(energy=0.95, max_rank=6).rank_for(spec, s[:5], energy) is None
+    # A fixed rank is known before any value; a zero matrix takes min_rank.
+    assert RankPolicy.create(rank=150).rank_for(spec, s[:0], energy) == 100
+    assert RankPolicy.create(energy=0.95, min_rank=2).rank_for(spec, s[:0], 0.0) == 2
+    with pytest.raises(ValueError, match="allocates across matrices"):
+        RankPolicy.create(avg_rank=4).rank_for(spec, s, energy)
+
+
+def test_budget_never_stops_silently_at_the_end_of_a_truncated_spectrum():
+    flat = np.ones(50)
+    whole = LayerSpectrum("flat", 50, 50, flat, 50.0)
+    top = LayerSpectrum("flat", 50, 50, flat[:10], 50.0)  # a randomized audit kept 10 of 50 values
+    steep = LayerSpectrum("steep", 50, 50, np.r_[5.0, np.full(49, 0.01)], 25.0 + 49e-4)
+    policy = RankPolicy.create(budget_params=30 * 100)  # 30 components of 50 x 50 in all
+    assert [a.rank for a in allocate([whole, steep], policy)] == [29, 1]
+    with pytest.raises(OptionError, match="flat: the budget reaches past the 10 singular values known"):
+        allocate([top, steep], policy)
+    # Negative control: a budget the known values cover allocates as with the whole spectrum.
+    small = RankPolicy.create(budget_params=8 * 100)
+    assert [a.rank for a in allocate([top, steep], small)] == [a.rank for a in allocate([whole, steep], small)]

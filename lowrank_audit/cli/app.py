@@ -78,8 +78,15 @@ def user_errors() -> Iterator[None]:
 
 
 def command() -> typer.models.CommandFunctionType:
-    """Register a command on :data:`app` (every command goes through here)."""
-    return app.command(cls=Command)
+    """Register a command on :data:`app`, with the option groups it names
+    (:func:`lowrank_audit.cli.options.grouped`); every command goes through here."""
+    from lowrank_audit.cli.options import grouped
+
+    def register(fn: typer.models.CommandFunctionType) -> typer.models.CommandFunctionType:
+        app.command(cls=Command)(grouped(fn))
+        return fn
+
+    return register
 
 
 def command_line() -> str:

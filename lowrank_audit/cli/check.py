@@ -1,4 +1,4 @@
-"""``lowrank-audit check``: the CI gate (exit 0 pass, 1 a rule failed, 2 bad input)."""
+"""``lowrank-audit check``: the CI gate (exit 0 pass, 1 a rule failed, 2 bad input or a rule that cannot run)."""
 
 from __future__ import annotations
 
@@ -12,24 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lowrank_audit.cli.app import command, command_line, user_errors
-from lowrank_audit.cli.options import (
-    DEFAULT_MAX_BATCH_MB,
-    DEFAULT_METHOD,
-    DeviceOpt,
-    DtypeOpt,
-    ForceOpt,
-    JsonOpt,
-    MaxBatchOpt,
-    MethodOpt,
-    QuietOpt,
-    RankCapOpt,
-    SeedOpt,
-    SourceArg,
-    TopOpt,
-    base_option,
-    engine_options,
-    path_option,
-)
+from lowrank_audit.cli.options import ForceOpt, RankCapOpt, Reporting, SourceArg, base_option, path_option
 from lowrank_audit.cli.render import json_value, line, out_console, print_json, progress_bar
 
 if TYPE_CHECKING:
@@ -52,8 +35,9 @@ def check_tables(result: CheckResult, top: int) -> list[Table]:
     findings.add_column("layer", no_wrap=True, min_width=24)
     findings.add_column("value", justify="right", no_wrap=True)
     findings.add_column("limit", no_wrap=True)
+    findings.add_column("why")  # the only column that wraps: a value of — says nothing without it
     for f in result.findings[:top]:
-        findings.add_row(*(escape(text) for text in (f.rule, f.layer, f.shown, f.limit)))
+        findings.add_row(*(escape(text) for text in (f.rule, f.layer, f.shown, f.limit, f.message)))
     return [rules, findings] if result.findings and top else [rules]
 
 
@@ -68,14 +52,24 @@ def check_json(result: CheckResult) -> dict:
             "rules": rules}  # fmt: skip
 
 
+def skips(result: CheckResult) -> str:
+    """The skipped rules by reason: ``forbid-added-layers, forbid-removed-layers: needs --baseline REPORT``."""
+    by_reason: dict[str, list[str]] = {}
+    for r in result.results:
+        if r.skipped:
+            by_reason.setdefault(r.skipped, []).append(r.rule)
+    return "; ".join(f"{', '.join(rules)}: {reason}" for reason, rules in by_reason.items())
+
+
 def verdict(result: CheckResult, top: int, quiet: bool) -> None:
+    """The one line --quiet keeps: passed or FAILED, the counts, what was skipped and why, the policy."""
+    from lowrank_audit.rules import plural
+
     if len(result.findings) > top and not quiet:
-        line(f"{len(result.findings) - top} more findings not shown (--top, or --junit/--json for all)")
-    skipped = result.count("skipped")
-    if result.passed:
-        text = f"[green]passed[/]: {result.headline()}" + (f", {skipped} skipped" if skipped else "")
-    else:
-        text = f"[red]FAILED[/]: {result.headline()}"
+        line(f"{plural(len(result.findings) - top, 'more finding')} not shown (--top, or --junit/--json for all)")
+    text = f"[green]passed[/]: {result.headline()}" if result.passed else f"[red]FAILED[/]: {result.headline()}"
+    if result.count("skipped"):
+        text += f" ({escape(skips(result))})"
     line(f"{text}; policy: {escape(result.policy)}")
 
 
@@ -83,13 +77,14 @@ def verdict(result: CheckResult, top: int, quiet: bool) -> None:
 def check(
     source: SourceArg,
     base: Annotated[
-        Path | None, base_option("Base checkpoint: check the update SOURCE - BASE (adapter-rank rules need it).")
+        Path | None,
+        base_option("Base checkpoint: check the update SOURCE - BASE (adapter-rank rules cannot run without it)."),
     ] = None,
     baseline: Annotated[
         Path | None,
         path_option(
             "--baseline",
-            "An earlier spectrum report of the same kind (the last release's): drift and added/removed-layer rules run against it; without it they are skipped.",
+            'An earlier spectrum report of the same kind (the last release\'s): drift and added/removed-layer rules run against it. Without it, added/removed-layer rules are skipped, and drift rules stop the check (exit 2) unless their policy table says unevaluable = "skip".',
         ),
     ] = None,
     policy: Annotated[
@@ -111,20 +106,15 @@ def check(
             "-o",
         ),
     ] = None,
-    method: MethodOpt = DEFAULT_METHOD,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    max_batch_mb: MaxBatchOpt = DEFAULT_MAX_BATCH_MB,
     rank_cap: RankCapOpt = None,
-    seed: SeedOpt = 0,
-    top: TopOpt = 30,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
     force: ForceOpt = False,
+    *,
+    engine: dict,
+    reporting: Reporting,
 ) -> None:
-    """Gate a release: check its spectra against a policy; exit 0 when every rule holds, 1 when one fails, 2 on bad input.
+    """Gate a release: check its spectra against a policy; exit 0 when every rule holds, 1 when one fails, 2 on bad input or a rule that cannot run.
 
-    Rules bound any numeric report column per layer (glob on names or roles), claim an adapter rank for an update (--base), limit drift against the last release's report (--baseline) and forbid NaN/Inf. See the README for every policy key.
+    Rules bound any numeric report column per layer (glob on names or roles), claim an adapter rank for an update (--base), limit drift against the last release's report (--baseline) and forbid NaN/Inf. A rule that cannot run (no --base or --baseline for it, a column absent from a report, globs matching no layer) exits 2 naming it, unless its policy table says unevaluable = "skip". See the README for every policy key.
 
     Example: lowrank-audit check release/ --baseline last-release.parquet --junit check.xml --markdown summary.md
     """
@@ -136,7 +126,7 @@ def check(
         from lowrank_audit.formats.report import read_report, write_report
         from lowrank_audit.io.outputs import check_target, write_text
         from lowrank_audit.policy import check as run_check
-        from lowrank_audit.policy import load_policy
+        from lowrank_audit.policy import load_policy, require_inputs
 
         inputs = [p for p in (source, base, baseline, policy) if p is not None]
         for path, option in ((out, "--out"), (junit, "--junit"), (markdown, "--markdown")):
@@ -145,12 +135,13 @@ def check(
         if out is not None and source.suffix == ".parquet":
             raise OptionError(f"{source} is already a report; --out applies only when SOURCE is a checkpoint")
         rules = load_policy(policy)
+        if source.suffix != ".parquet":  # refuse now, not after auditing (a report says what it holds)
+            require_inputs(rules, updates=base is not None, baseline=baseline is not None)
         before = read_report(baseline) if baseline is not None else None
         started = time.perf_counter()
-        with progress_bar(not (quiet or as_json) and source.suffix != ".parquet") as progress:
+        with progress_bar(reporting.progress and source.suffix != ".parquet") as progress:
             report = load_spectrum(
-                source, base, progress=progress, command=command_line(),
-                **engine_options(method, device, dtype, max_batch_mb, seed, rank_cap),
+                source, base, rank_cap=rank_cap, progress=progress, command=command_line(), **engine
             )  # fmt: skip
         result = run_check(report, rules, baseline=before)
         seconds = time.perf_counter() - started
@@ -160,12 +151,12 @@ def check(
             write_text(junit, junit_xml(result, seconds=seconds), force=force)
         if markdown is not None:
             write_text(markdown, to_markdown(result), force=force)
-        if as_json:
+        if reporting.as_json:
             print_json(check_json(result))
         else:
-            if not quiet:
-                for t in check_tables(result, top):
+            if not reporting.quiet:  # the rules table even with --top 0
+                for t in check_tables(result, reporting.top):
                     out_console.print(t)
-            verdict(result, top, quiet)
+            verdict(result, reporting.top, reporting.quiet)
     if not result.passed:
         raise typer.Exit(1)

@@ -4,38 +4,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from lowrank_audit.cli.app import command, command_line, user_errors
 from lowrank_audit.cli.options import (
-    DEFAULT_MAX_BATCH_MB,
-    DEFAULT_METHOD,
-    AvgRankOpt,
-    BudgetOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EnergyOpt,
     ExcludeOpt,
     ForceOpt,
     IncludeOpt,
-    JsonOpt,
-    MaxBatchOpt,
-    MaxRankOpt,
-    MethodOpt,
-    MinRankOpt,
-    QuietOpt,
-    RankOpt,
-    RoundToOpt,
-    SeedOpt,
-    TopOpt,
-    engine_options,
+    Reporting,
     path_argument,
     path_option,
 )
-from lowrank_audit.cli.recommend import rank_policy
 from lowrank_audit.cli.render import frame_rows, line, out_console, print_json, progress_bar, table
+
+if TYPE_CHECKING:
+    from lowrank_audit.ranks import RankPolicy
 
 TABLE = (("name", "layer", "{}"), ("treatment", "treatment", "{}"), ("rank", "rank", "{}"),
          ("params_after", "params", "{:,}"), ("energy_kept", "kept", "{:.1%}"),
@@ -57,13 +42,6 @@ def compress(
             metavar="PATH",
         ),
     ] = None,
-    energy: EnergyOpt = None,
-    rank: RankOpt = None,
-    budget_params: BudgetOpt = None,
-    avg_rank: AvgRankOpt = None,
-    min_rank: MinRankOpt = 1,
-    max_rank: MaxRankOpt = None,
-    round_to: RoundToOpt = 1,
     embeddings: Annotated[
         str,
         typer.Option(
@@ -78,17 +56,27 @@ def compress(
             metavar="",
         ),
     ] = False,
+    bias: Annotated[
+        str,
+        typer.Option(
+            help="Adapters: bias deltas of LoRA layers. fold: the fine-tuned bias saved as the layer's own bias (PEFT bias=lora_only); loads, applies and merges cleanly. lora_bias: the delta as lora_B.bias (PEFT lora_bias); PEFT's merge_and_unload fails half-way when a LoRA layer has no bias in the base, and a warning says so. leave_out: not written, reported with its share of the update.",
+            metavar="fold|lora_bias|leave_out",
+        ),
+    ] = "fold",
+    task_type: Annotated[
+        str | None,
+        typer.Option(
+            help="Adapters: PEFT task_type for adapter_config.json: CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, QUESTION_ANS or FEATURE_EXTRACTION. Default: from the architectures in the base folder's config.json, else unset.",
+            metavar="TYPE",
+        ),
+    ] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    method: MethodOpt = DEFAULT_METHOD,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    max_batch_mb: MaxBatchOpt = DEFAULT_MAX_BATCH_MB,
-    seed: SeedOpt = 0,
-    top: TopOpt = 50,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
     force: ForceOpt = False,
+    *,
+    rank_policy: RankPolicy,
+    engine: dict,
+    reporting: Reporting,
 ) -> None:
     """Write a PEFT LoRA adapter of a fine-tune (--base), or a low-rank factorized checkpoint.
 
@@ -100,25 +88,24 @@ def compress(
         from lowrank_audit.analyses.compress import REPORT_NAME
         from lowrank_audit.analyses.compress import compress as run_compress
 
-        policy = rank_policy(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to)
         started = time.perf_counter()
-        with progress_bar(not (quiet or as_json)) as progress:
+        with progress_bar(reporting.progress) as progress:
             report = run_compress(
-                checkpoint, out, base=base, policy=policy, embeddings=embeddings, serving_safe=serving_safe,
+                checkpoint, out, base=base, policy=rank_policy, embeddings=embeddings, serving_safe=serving_safe,
                 include=include or (), exclude=exclude or (), force=force, command=command_line(),
-                progress=progress, **engine_options(method, device, dtype, max_batch_mb, seed),
+                bias=bias, task_type=task_type, progress=progress, **engine,
             )  # fmt: skip
         elapsed = time.perf_counter() - started
         before, after = int(report["params_before"].sum()), int(report["params_after"].sum())
         left = report[report["treatment"] == "left_out"]
-        if as_json:
-            print_json({"out": str(out), "policy": policy.describe(), "params_before": before, "params_after": after,
+        if reporting.as_json:
+            print_json({"out": str(out), "policy": rank_policy.describe(), "params_before": before, "params_after": after,
                         "left_out_share": float(left["update_share"].sum()), "seconds": round(elapsed, 3),
                         "rows": frame_rows(report, JSON_COLUMNS)})  # fmt: skip
             return
-        if top and not quiet:
-            shown = report.head(top)
-            title = f"compress ({policy.describe()}; {len(shown)} of {len(report)} tensors)"
+        if reporting.tables:
+            shown = report.head(reporting.top)
+            title = f"compress ({rank_policy.describe()}; {len(shown)} of {len(report)} tensors)"
             out_console.print(table(shown.to_dict("records"), TABLE, title))
         text = f"{before:,} -> {after:,} parameters ({before / max(after, 1):.1f}x smaller)"
         if not left.empty:

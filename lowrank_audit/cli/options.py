@@ -6,16 +6,20 @@ Metavars are spelled out (``PATH``, ``GLOB``) and flags have none, so ``--help``
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD  # noqa: F401 - the commands take their defaults from here
+from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD
 
 
-def _flag(*names: str, help: str) -> Any:
-    return typer.Option(*names, help=help, metavar="")
+def _flag(*names: str, help: str, panel: str | None = None) -> Any:
+    return typer.Option(*names, help=help, metavar="", rich_help_panel=panel)
 
 
 def base_option(help: str) -> Any:
@@ -55,37 +59,46 @@ MethodOpt = Annotated[
     str,
     typer.Option(
         help="exact: full SVD. randomized: top singular values only (Halko et al.), grown until they hold the energy asked (99 % for reports). auto: exact when min(rows, cols) <= 1024, randomized above. Truncated rows leave whole-spectrum figures empty.",
+        rich_help_panel="Engine",
         metavar="auto|exact|randomized",
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].", metavar="DEVICE")]
+DeviceOpt = Annotated[
+    str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].", rich_help_panel="Engine", metavar="DEVICE")
+]
 DtypeOpt = Annotated[
     str,
     typer.Option(
         help="Precision of the decomposition: float32 or float64. Half-precision inputs are upcast.",
+        rich_help_panel="Engine",
         metavar="float32|float64",
     ),
 ]
 MaxBatchOpt = Annotated[
-    float, typer.Option(help="Memory budget for one batch of stacked same-shape matrices, in MiB.", metavar="MIB")
+    float,
+    typer.Option(
+        help="Memory budget for one batch of stacked same-shape matrices, in MiB.",
+        rich_help_panel="Engine",
+        metavar="MIB",
+    ),
 ]
 RankCapOpt = Annotated[
     int | None,
     typer.Option(
-        help="With randomized/auto: compute at most this many singular values per matrix.", min=1, metavar="K"
+        help="With randomized/auto: compute at most this many singular values per matrix.",
+        min=1,
+        rich_help_panel="Engine",
+        metavar="K",
     ),
 ]
 SeedOpt = Annotated[
-    int, typer.Option(help="Seed of the randomized method: the same seed gives the same output.", metavar="INT")
+    int,
+    typer.Option(
+        help="Seed of the randomized method: the same seed gives the same output.",
+        rich_help_panel="Engine",
+        metavar="INT",
+    ),
 ]
-
-
-def engine_options(
-    method: str, device: str, dtype: str, max_batch_mb: float, seed: int, rank_cap: int | None = None
-) -> dict[str, Any]:
-    """The engine options as the library's keyword arguments."""
-    options = {"method": method, "device": device, "dtype": dtype, "max_batch_mb": max_batch_mb, "seed": seed}
-    return options | ({"rank_cap": rank_cap} if rank_cap is not None else {})
 
 
 # Ranks (lowrank_audit.ranks.RankPolicy), shared by recommend and compress.
@@ -93,37 +106,135 @@ EnergyOpt = Annotated[
     float | None,
     typer.Option(
         help="Per layer, the smallest rank whose singular values hold this share of ||W||_F^2, in (0, 1]. The default (0.95) when no other way is given.",
+        rich_help_panel="Ranks",
         metavar="E",
     ),
 ]
 RankOpt = Annotated[
-    int | None, typer.Option("--rank", help="The same rank for every layer (capped at min(rows, cols)).", metavar="R")
+    int | None,
+    typer.Option(
+        "--rank",
+        help="The same rank for every layer (capped at min(rows, cols)).",
+        rich_help_panel="Ranks",
+        metavar="R",
+    ),
 ]
 BudgetOpt = Annotated[
     int | None,
     typer.Option(
         help="Total adapter parameters, spent greedily on the components with the most energy per parameter (rank r of an m x n matrix costs r(m+n)).",
+        rich_help_panel="Ranks",
         metavar="N",
     ),
 ]
 AvgRankOpt = Annotated[
-    float | None, typer.Option(help="A budget written as an average rank: R * sum(m + n) parameters.", metavar="R")
+    float | None,
+    typer.Option(
+        help="A budget written as an average rank: R * sum(m + n) parameters.", rich_help_panel="Ranks", metavar="R"
+    ),
 ]
-MinRankOpt = Annotated[int, typer.Option(help="No layer below this rank.", metavar="R")]
-MaxRankOpt = Annotated[int | None, typer.Option(help="No layer above this rank.", metavar="R")]
+MinRankOpt = Annotated[int, typer.Option(help="No layer below this rank.", rich_help_panel="Ranks", metavar="R")]
+MaxRankOpt = Annotated[int | None, typer.Option(help="No layer above this rank.", rich_help_panel="Ranks", metavar="R")]
 RoundToOpt = Annotated[
     int,
     typer.Option(
-        help="Round ranks up to a multiple of this (e.g. 8 for serving engines); caps still apply.", metavar="N"
+        help="Round ranks up to a multiple of this (e.g. 8 for serving engines); caps still apply.",
+        rich_help_panel="Ranks",
+        metavar="N",
     ),
 ]
 
 # Output and reporting.
-ForceOpt = Annotated[bool, _flag("--force", "-f", help="Replace output files that exist (refused otherwise).")]
+ForceOpt = Annotated[
+    bool, _flag("--force", "-f", help="Replace output files that exist (refused otherwise).", panel="Output")
+]
 QuietOpt = Annotated[
-    bool, _flag("--quiet", "-q", help="No tables and no progress bar: errors and the one-line verdict only.")
+    bool,
+    _flag("--quiet", "-q", help="No tables and no progress bar: errors and the one-line verdict only.", panel="Output"),
 ]
 JsonOpt = Annotated[
-    bool, _flag("--json", help="Print the result as JSON on stdout instead of tables (no progress bar either).")
+    bool,
+    _flag(
+        "--json", help="Print the result as JSON on stdout instead of tables (no progress bar either).", panel="Output"
+    ),
 ]
-TopOpt = Annotated[int, typer.Option(help="Rows shown in the table (the files hold them all).", min=0, metavar="N")]
+TopOpt = Annotated[
+    int,
+    typer.Option(
+        help="Rows shown in the table (the files hold them all).", min=0, rich_help_panel="Output", metavar="N"
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """How a command shows its result: ``--top``, ``--json``, ``--quiet``."""
+
+    top: int
+    as_json: bool
+    quiet: bool
+
+    @property
+    def tables(self) -> bool:
+        return bool(self.top) and not (self.quiet or self.as_json)
+
+    @property
+    def progress(self) -> bool:
+        return not (self.quiet or self.as_json)
+
+
+def _engine(method: MethodOpt = DEFAULT_METHOD, device: DeviceOpt = "auto", dtype: DtypeOpt = "float32",
+            max_batch_mb: MaxBatchOpt = DEFAULT_MAX_BATCH_MB, seed: SeedOpt = 0) -> dict[str, Any]:  # fmt: skip
+    return {"method": method, "device": device, "dtype": dtype, "max_batch_mb": max_batch_mb, "seed": seed}
+
+
+def _ranks(energy: EnergyOpt = None, rank: RankOpt = None, budget_params: BudgetOpt = None,
+           avg_rank: AvgRankOpt = None, min_rank: MinRankOpt = 1, max_rank: MaxRankOpt = None,
+           round_to: RoundToOpt = 1) -> Any:  # fmt: skip
+    from lowrank_audit.ranks import RankPolicy
+
+    return RankPolicy.create(energy=energy, rank=rank, budget_params=budget_params, avg_rank=avg_rank,
+                             min_rank=min_rank, max_rank=max_rank, round_to=round_to)  # fmt: skip
+
+
+def _reporting(top: TopOpt = 20, as_json: JsonOpt = False, quiet: QuietOpt = False) -> Reporting:
+    return Reporting(top, as_json, quiet)
+
+
+# Option groups a command takes whole: the parameter it declares, and the function whose own
+# parameters become the command's options and whose result the command receives.
+GROUPS: dict[str, Callable[..., Any]] = {"engine": _engine, "rank_policy": _ranks, "reporting": _reporting}
+
+
+def grouped(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command every option of the groups it names as parameters (``engine``,
+    ``rank_policy``, ``reporting``), so each group is declared here once and reaches the command
+    as one value: ``engine`` the library's engine keyword arguments, ``rank_policy`` a validated
+    :class:`~lowrank_audit.ranks.RankPolicy`, ``reporting`` a :class:`Reporting`.
+
+    A group's validation error (conflicting rank options) is an ordinary one-line error.
+    """
+    from lowrank_audit.cli.app import user_errors
+
+    own = inspect.signature(fn)
+    groups = [name for name in own.parameters if name in GROUPS]
+    members = {name: list(inspect.signature(GROUPS[name], eval_str=True).parameters.values()) for name in groups}
+    # The command's own annotations are strings (postponed evaluation); the group parameters'
+    # types may be imported for type checking only, so only the others are evaluated.
+    params = [
+        p.replace(annotation=eval(p.annotation, fn.__globals__) if isinstance(p.annotation, str) else p.annotation)
+        for p in own.parameters.values()
+        if p.name not in GROUPS
+    ]
+    params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name in groups for p in members[name]]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        with user_errors():
+            for name in groups:
+                kwargs[name] = GROUPS[name](**{p.name: kwargs.pop(p.name) for p in members[name]})
+        return fn(**kwargs)
+
+    command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command

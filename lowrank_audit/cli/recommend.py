@@ -8,30 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from lowrank_audit.cli.app import command, command_line, user_errors
-from lowrank_audit.cli.options import (
-    DEFAULT_MAX_BATCH_MB,
-    DEFAULT_METHOD,
-    AvgRankOpt,
-    BudgetOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EnergyOpt,
-    ForceOpt,
-    JsonOpt,
-    MaxBatchOpt,
-    MaxRankOpt,
-    MethodOpt,
-    MinRankOpt,
-    QuietOpt,
-    RankOpt,
-    RoundToOpt,
-    SeedOpt,
-    SourceArg,
-    TopOpt,
-    base_option,
-    engine_options,
-    path_option,
-)
+from lowrank_audit.cli.options import ForceOpt, Reporting, SourceArg, base_option, path_option
 from lowrank_audit.cli.render import frame_rows, line, out_console, print_json, progress_bar, table
 
 if TYPE_CHECKING:
@@ -42,44 +19,20 @@ TABLE = (("module", "module", "{}"), ("rows", "rows", "{}"), ("cols", "cols", "{
 JSON_COLUMNS = ("name", "module", "rows", "cols", "rank", "energy_kept", "params")
 
 
-def rank_policy(
-    energy: float | None, rank: int | None, budget_params: int | None, avg_rank: float | None, min_rank: int,
-    max_rank: int | None, round_to: int,
-) -> RankPolicy:  # fmt: skip
-    """The rank options of ``recommend`` and ``compress`` as one validated policy."""
-    from lowrank_audit.ranks import RankPolicy
-
-    return RankPolicy.create(
-        energy=energy, rank=rank, budget_params=budget_params, avg_rank=avg_rank, min_rank=min_rank,
-        max_rank=max_rank, round_to=round_to,
-    )  # fmt: skip
-
-
 @command()
 def recommend(
     source: SourceArg,
     base: Annotated[Path | None, base_option("Base checkpoint: recommend ranks for the update SOURCE - BASE.")] = None,
-    energy: EnergyOpt = None,
-    rank: RankOpt = None,
-    budget_params: BudgetOpt = None,
-    avg_rank: AvgRankOpt = None,
-    min_rank: MinRankOpt = 1,
-    max_rank: MaxRankOpt = None,
-    round_to: RoundToOpt = 1,
     out: Annotated[Path | None, path_option("--out", "Write the ranks to this Parquet file.", "-o")] = None,
     peft_config: Annotated[
         Path | None,
         path_option("--peft-config", "Write a PEFT LoraConfig JSON (adapter_config.json) with these ranks per module."),
     ] = None,
-    method: MethodOpt = DEFAULT_METHOD,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    max_batch_mb: MaxBatchOpt = DEFAULT_MAX_BATCH_MB,
-    seed: SeedOpt = 0,
-    top: TopOpt = 50,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
     force: ForceOpt = False,
+    *,
+    rank_policy: RankPolicy,
+    engine: dict,
+    reporting: Reporting,
 ) -> None:
     """Per-layer LoRA ranks: by energy, a fixed rank, or a parameter budget spread where it buys most.
 
@@ -92,17 +45,13 @@ def recommend(
         from lowrank_audit.formats.report import write_report
         from lowrank_audit.io.outputs import check_target, write_text
 
-        policy = rank_policy(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to)
         inputs = [source] + ([base] if base else [])
         for path, option in ((out, "--out"), (peft_config, "--peft-config")):
             if path is not None:
                 check_target(path, inputs, force=force, option=option)
         started = time.perf_counter()
-        with progress_bar(not (quiet or as_json)) as progress:
-            ranks = run_recommend(
-                source, policy, base=base, command=command_line(), progress=progress,
-                **engine_options(method, device, dtype, max_batch_mb, seed),
-            )  # fmt: skip
+        with progress_bar(reporting.progress) as progress:
+            ranks = run_recommend(source, rank_policy, base=base, command=command_line(), progress=progress, **engine)
         elapsed = time.perf_counter() - started
         if out is not None:
             write_report(ranks, out, schema=RANKS_SCHEMA, force=force)
@@ -110,14 +59,14 @@ def recommend(
             write_text(peft_config, json.dumps(to_peft_config(ranks), indent=2) + "\n", force=force)
         unchanged = ranks.attrs["lowrank_audit"].get("unchanged", [])
         total = int(ranks["params"].sum())
-        if as_json:
-            print_json({"policy": policy.describe(), "layers": len(ranks), "params": total, "unchanged": unchanged,
+        if reporting.as_json:
+            print_json({"policy": rank_policy.describe(), "layers": len(ranks), "params": total, "unchanged": unchanged,
                         "ranks": str(out) if out else None, "peft_config": str(peft_config) if peft_config else None,
                         "rows": frame_rows(ranks, JSON_COLUMNS)})  # fmt: skip
             return
-        if top and not quiet:
-            shown = ranks.head(top)
-            title = f"LoRA ranks ({policy.describe()}; {len(shown)} of {len(ranks)} layers)"
+        if reporting.tables:
+            shown = ranks.head(reporting.top)
+            title = f"LoRA ranks ({rank_policy.describe()}; {len(shown)} of {len(ranks)} layers)"
             out_console.print(table(shown.to_dict("records"), TABLE, title))
         mean = f"{ranks['rank'].mean():.1f}" if len(ranks) else "—"
         text = f"{len(ranks)} layers, {total:,} adapter parameters, mean rank {mean}"

@@ -8,23 +8,13 @@ from typing import TYPE_CHECKING, Annotated
 
 from lowrank_audit.cli.app import command, command_line, user_errors
 from lowrank_audit.cli.options import (
-    DEFAULT_MAX_BATCH_MB,
-    DEFAULT_METHOD,
     CheckpointArg,
-    DeviceOpt,
-    DtypeOpt,
     ExcludeOpt,
     ForceOpt,
     IncludeOpt,
-    JsonOpt,
-    MaxBatchOpt,
-    MethodOpt,
-    QuietOpt,
     RankCapOpt,
-    SeedOpt,
-    TopOpt,
+    Reporting,
     base_option,
-    engine_options,
     path_option,
 )
 from lowrank_audit.cli.render import frame_rows, line, missing, out_console, print_json, progress_bar, table
@@ -75,10 +65,10 @@ def json_summary(frame: pd.DataFrame, out: Path | None) -> dict:
     }
 
 
-def render(frame: pd.DataFrame, top: int, elapsed: float, out: Path | None, quiet: bool) -> None:
+def render(frame: pd.DataFrame, reporting: Reporting, elapsed: float, out: Path | None) -> None:
     meta = frame.attrs["lowrank_audit"]
-    if top and not quiet:
-        rows = summary_rows(frame, top)
+    if reporting.tables:
+        rows = summary_rows(frame, reporting.top)
         what = "updates (checkpoint - base)" if (frame["kind"] == "delta").all() else "matrices"
         out_console.print(table(rows, TABLE, f"Most low-rank {what} ({len(rows)} of {len(frame)}, by k95%)"))
     for row in frame[frame["nonfinite"] > 0].to_dict("records"):
@@ -106,16 +96,11 @@ def spectrum(
     ] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    method: MethodOpt = DEFAULT_METHOD,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    max_batch_mb: MaxBatchOpt = DEFAULT_MAX_BATCH_MB,
     rank_cap: RankCapOpt = None,
-    seed: SeedOpt = 0,
-    top: TopOpt = 20,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
     force: ForceOpt = False,
+    *,
+    engine: dict,
+    reporting: Reporting,
 ) -> None:
     """Singular-value spectrum of every weight matrix, or of every fine-tuning update with --base.
 
@@ -131,15 +116,15 @@ def spectrum(
         if out is not None:
             check_target(out, [checkpoint] + ([base] if base else []), force=force)
         started = time.perf_counter()
-        with progress_bar(not (quiet or as_json)) as progress:
+        with progress_bar(reporting.progress) as progress:
             frame = run_spectrum(
-                checkpoint, base, include=include or (), exclude=exclude or (), command=command_line(),
-                progress=progress, **engine_options(method, device, dtype, max_batch_mb, seed, rank_cap),
+                checkpoint, base, include=include or (), exclude=exclude or (), rank_cap=rank_cap,
+                command=command_line(), progress=progress, **engine,
             )  # fmt: skip
         elapsed = time.perf_counter() - started
         if out is not None:
             write_report(frame, out, force=force)
-        if as_json:
+        if reporting.as_json:
             print_json(json_summary(frame, out))
         else:
-            render(frame, top, elapsed, out, quiet)
+            render(frame, reporting, elapsed, out)

@@ -2,10 +2,10 @@
 
 Data flows one way: a :class:`~lowrank_audit.engine.sources.MatrixSource` is streamed in
 same-shape batches (:func:`lowrank_audit.engine.batches.stream`), each batch is
-decomposed on the configured device, exactly (:mod:`~lowrank_audit.engine.exact`) or by
-randomized truncated SVD (:mod:`~lowrank_audit.engine.randomized`), and one result per
-matrix is yielded. ``auto`` is exact for matrices whose smaller side is at most 1024,
-randomized above.
+decomposed on the configured device, exactly (:mod:`~lowrank_audit.engine.exact`) or by a
+randomized sketch (:mod:`~lowrank_audit.engine.randomized`) as wide as each matrix's
+:class:`~lowrank_audit.engine.needs.Need` asks, and one result per matrix is yielded.
+``auto`` is exact for matrices whose smaller side is at most 1024, randomized above.
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
-from lowrank_audit.engine.batches import ProgressCallback, stream
+from lowrank_audit.engine.batches import Batch, ProgressCallback, stream
 from lowrank_audit.engine.config import EngineConfig
-from lowrank_audit.engine.exact import singular_values, svd
-from lowrank_audit.engine.randomized import adaptive_singular_values, select_rows, truncated_svd
+from lowrank_audit.engine.exact import Triplets, exact_triplets, flip_signs
+from lowrank_audit.engine.needs import REPORT_NEED, Need
+from lowrank_audit.engine.randomized import BLOCK, FACTOR_OVERSAMPLE, adaptive_svd, select_rows
 from lowrank_audit.engine.sources import MatrixSource
 from lowrank_audit.errors import LowrankAuditError
 from lowrank_audit.io.selection import MatrixSpec
-from lowrank_audit.metrics import ENERGY_TARGETS
 
 
 @dataclass(frozen=True)
@@ -45,27 +46,33 @@ def _seed(seed: int, spec: MatrixSpec, index: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{spec.name}[{index}]".encode())) % 2**63
 
 
-def _decompose(
-    stack: torch.Tensor, finite: list[int], energies: list[float], seeds: list[int], config: EngineConfig
-) -> dict[int, tuple[np.ndarray, str]]:
-    """Singular values (float64, on the CPU) and method of the finite matrices of a batch, by row."""
-    batch = select_rows(stack, finite).to(config.device, non_blocking=True)  # pinned source on CUDA
-    if config.exact_for(min(batch.shape[-2:])) and config.rank_cap is None:
-        decomposed = [(s, "exact") for s in singular_values(batch)]
-    else:
-        decomposed = adaptive_singular_values(
-            batch, energies, max(ENERGY_TARGETS), seeds=seeds, rank_cap=config.rank_cap
-        )
-    return {i: (s.cpu().double().numpy(), method) for i, (s, method) in zip(finite, decomposed, strict=True)}
+def _decompose(batch: Batch, rows: list[int], need: Need, config: EngineConfig, *, vectors: bool) -> list[Triplets]:
+    """What ``need`` asks of the given rows of a batch, computed on the configured device."""
+    stack = select_rows(batch.stack, rows).to(config.device, non_blocking=True)  # pinned source on CUDA
+    rank_of = [partial(need, batch.identities[i][0], energy=batch.energies[i]) for i in rows]
+    # rank_cap limits a spectrum; factors are asked for a rank and always get it.
+    cap = None if vectors else config.rank_cap
+    if config.exact_for(min(stack.shape[-2:])) and cap is None:
+        return exact_triplets(stack, rank_of, vectors=vectors)
+    seeds = [_seed(config.seed, *batch.identities[i]) for i in rows]
+    if vectors:
+        return adaptive_svd(stack, rank_of, seeds=seeds, vectors=True, oversample=FACTOR_OVERSAMPLE)
+    # A report keeps the top BLOCK - p values at least, whatever the need.
+    return adaptive_svd(stack, rank_of, seeds=seeds, vectors=False, rank_cap=cap, min_width=BLOCK)
 
 
 def spectra(
-    source: MatrixSource, config: EngineConfig, *, progress: ProgressCallback | None = None
+    source: MatrixSource,
+    config: EngineConfig,
+    *,
+    need: Need = REPORT_NEED,
+    progress: ProgressCallback | None = None,
 ) -> Iterator[MatrixResult]:
     """Singular values of every matrix of ``source``, batch by batch.
 
-    Matrices with NaN or Inf entries are counted and yielded without singular values;
-    they do not stop the run.
+    Exact matrices get every value; randomized ones the top values, at least as many as
+    ``need`` asks (by default enough for the report's k99). Matrices with NaN or Inf
+    entries are counted and yielded without singular values; they do not stop the run.
 
     Yields:
         One :class:`MatrixResult` per matrix (per expert for 3-D tensors), grouped by
@@ -73,9 +80,8 @@ def spectra(
     """
     for batch in stream(source, config, progress=progress):
         finite = [i for i, n in enumerate(batch.nonfinite) if n == 0]
-        seeds = [_seed(config.seed, *batch.identities[i]) for i in finite]
-        energies = [batch.energies[i] for i in finite]
-        values = _decompose(batch.stack, finite, energies, seeds, config) if finite else {}
+        found = _decompose(batch, finite, need, config, vectors=False) if finite else []
+        values = {i: (t.s.cpu().double().numpy(), t.method) for i, t in zip(finite, found, strict=True)}
         batch.stack = None  # free it before the reader fills the batch after next
         for row, (spec, j) in enumerate(batch.identities):
             s, method = values.get(row, (None, "skipped"))
@@ -84,7 +90,11 @@ def spectra(
 
 @dataclass(frozen=True)
 class Factors:
-    """Top-``rank`` singular triplets of one matrix, float (``config.dtype``) on the CPU."""
+    """Top singular triplets of one matrix, float (``config.dtype``) on the CPU.
+
+    Signs follow :func:`~lowrank_audit.engine.exact.flip_signs`: the largest-magnitude
+    entry of each column of ``u`` is positive.
+    """
 
     spec: MatrixSpec
     index: int | None
@@ -96,16 +106,18 @@ class Factors:
 
 def factors(
     source: MatrixSource,
-    ranks: dict[str, int],
+    need: Need,
     config: EngineConfig,
     *,
     progress: ProgressCallback | None = None,
 ) -> Iterator[Factors]:
-    """Top singular triplets of every matrix of ``source``, ``ranks[spec.name]`` of them.
+    """Top singular triplets of every matrix of ``source``, as many as ``need`` says, in one pass.
 
-    Exact where :func:`spectra` would be exact (``exact``, or ``auto`` at a smaller side up
-    to 1024), so the factors there are the best rank-r approximation; randomized
-    elsewhere, with the batch's largest rank and the same per-matrix seeds.
+    A rank known up front (:class:`~lowrank_audit.engine.needs.RankNeed`) costs one
+    randomized sketch of rank + 10 columns; an energy target grows the sketch until the
+    top values hold it. Exact where :func:`spectra` would be exact (``exact``, or ``auto``
+    at a smaller side up to 1024) and wherever the sketch would pass a quarter of the
+    smaller side; the factors there are the best rank-r approximation.
 
     Raises:
         LowrankAuditError: A matrix holds NaN or Inf.
@@ -116,20 +128,13 @@ def factors(
                 raise LowrankAuditError(
                     f"{source.path}: tensor {spec.name!r} has {bad} NaN/Inf entries, not factorized"
                 )
-        stack = batch.stack.to(config.device, non_blocking=True)
-        if config.exact_for(min(stack.shape[-2:])):
-            u, s, vh = svd(stack)
-            method = "exact"
-        else:
-            seeds = [_seed(config.seed, *identity) for identity in batch.identities]
-            u, s, vh = truncated_svd(stack, max(ranks[spec.name] for spec in batch.specs), seeds=seeds)
-            method = "randomized"
-        batch.stack = stack = None
-        for row, (spec, j) in enumerate(batch.identities):
-            r = ranks[spec.name]
+        found = _decompose(batch, list(range(len(batch.identities))), need, config, vectors=True)
+        batch.stack = None
+        for (spec, j), t in zip(batch.identities, found, strict=True):
+            u, vh = flip_signs(t.u, t.vh)
             # clone: a view would keep the whole batch's U and Vh alive.
-            yield Factors(spec, batch.expert(spec, j), u[row, :, :r].cpu().clone(),
-                          s[row, :r].cpu().clone(), vh[row, :r].cpu().clone(), method)  # fmt: skip
+            yield Factors(spec, batch.expert(spec, j), u.cpu().clone(), t.s[: t.rank].cpu().clone(),
+                          vh.cpu().clone(), t.method)  # fmt: skip
 
 
 __all__ = ["Factors", "MatrixResult", "factors", "spectra"]

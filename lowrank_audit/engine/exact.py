@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+
+RankOf = Callable[[np.ndarray], int | None]  # one matrix's need, given its top values known (float64)
+
+
+@dataclass(frozen=True)
+class Triplets:
+    """One matrix's top singular triplets.
+
+    ``s`` holds every value computed with confidence (descending), at least ``rank`` of
+    them; ``u`` (m, rank) and ``vh`` (rank, n) are the vectors of the first ``rank`` when
+    vectors were asked for, else None.
+    """
+
+    s: torch.Tensor
+    rank: int
+    u: torch.Tensor | None
+    vh: torch.Tensor | None
+    method: str  # exact or randomized
 
 
 def singular_values(batch: torch.Tensor) -> torch.Tensor:
@@ -14,7 +36,41 @@ def singular_values(batch: torch.Tensor) -> torch.Tensor:
 
 def svd(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact thin SVD ``U (b, m, k), S (b, k), Vh (b, k, n)`` of a stack, k = min(m, n)."""
+    if batch.shape[-2] < batch.shape[-1]:
+        # As for the values, the tall orientation is the faster one: W^T = U' S Vh' gives
+        # W = Vh'^T S U'^T.
+        u_t, s, vh_t = torch.linalg.svd(batch.mT, full_matrices=False)
+        return vh_t.mT, s, u_t.mT
     return torch.linalg.svd(batch, full_matrices=False)
 
 
-__all__ = ["singular_values", "svd"]
+def exact_triplets(batch: torch.Tensor, rank_of: Sequence[RankOf], *, vectors: bool) -> list[Triplets]:
+    """Every singular value of each matrix, and the vectors of the rank each needs."""
+    u, s, vh = svd(batch) if vectors else (None, singular_values(batch), None)
+    out = []
+    for i, need in enumerate(rank_of):
+        rank = need(s[i].double().cpu().numpy())
+        rank = s.shape[-1] if rank is None else min(rank, s.shape[-1])
+        if vectors:
+            out.append(Triplets(s[i], rank, u[i, :, :rank], vh[i, :rank], "exact"))
+        else:
+            out.append(Triplets(s[i], rank, None, None, "exact"))
+    return out
+
+
+def flip_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U (m, r)`` and ``Vh (r, n)`` with each pair's sign fixed: the largest-magnitude entry of
+    every column of U is positive (scikit-learn's ``svd_flip``, U-based).
+
+    A singular pair is defined up to a sign shared by u_i and v_i; fixing it makes factors a
+    function of the matrix alone, so exact and randomized runs, and reruns, agree.
+    """
+    if u.shape[-1] == 0:
+        return u, vh
+    top = u.abs().argmax(dim=-2, keepdim=True)  # (1, r): first index on a tie
+    signs = torch.sign(torch.gather(u, -2, top))  # (1, r)
+    signs[signs == 0] = 1
+    return u * signs, vh * signs.mT
+
+
+__all__ = ["RankOf", "Triplets", "exact_triplets", "flip_signs", "singular_values", "svd"]

@@ -1,10 +1,14 @@
-"""Randomized truncated SVD of a ``(b, m, n)`` stack: fixed rank, or grown to an energy target.
+"""Randomized truncated SVD of a ``(b, m, n)`` stack, as wide as each matrix needs.
 
-``truncated_svd`` is Halko, Martinsson & Tropp (SIAM Review 53(2), 2011), Algorithm 4.4
-with re-orthonormalized power iterations. For energy ranks the sketch grows block by block
-without recomputing (Yu, Gu & Li, SIAM J. Matrix Anal. Appl. 39(2), 2018, randQB_EI) until
-its values hold the largest energy target of every matrix, and the rest is decomposed
-exactly once the sketch would pass a quarter of min(m, n).
+One algorithm serves a fixed rank and an energy target. The sketch is a blocked randQB
+(Yu, Gu & Li, SIAM J. Matrix Anal. Appl. 39(2), 2018): an orthonormal basis Q of each
+matrix's dominant range and B = QᵀW, grown block by block without recomputing, each block
+refined by power iterations (Halko, Martinsson & Tropp, SIAM Review 53(2), 2011, Alg. 4.4).
+The SVD of the small B = U_B S Vh gives the triplets: U = Q U_B, S, Vh. A matrix whose rank
+is known up front (a fixed rank) gets one block of rank + p columns; one whose rank
+depends on its spectrum (an energy target) grows by ``BLOCK`` columns until its need is met
+with p columns to spare (p = ``OVERSAMPLE`` for values, ``FACTOR_OVERSAMPLE`` for
+factors). Once the sketch would pass a quarter of min(m, n) the rest are decomposed exactly.
 """
 
 from __future__ import annotations
@@ -12,15 +16,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from lowrank_audit.engine.exact import singular_values
+from lowrank_audit.engine.exact import RankOf, Triplets, exact_triplets
 
 # Halko et al. 2011, section 4.2: oversampling p = 10 makes the top-k subspace reliable.
 OVERSAMPLE = 10
-# Section 4.5: q = 1 or 2 power iterations for slowly decaying spectra; tests/test_randomized.py
-# shows q = 2 meets the float32 tolerance on decaying spectra and q = 0 does not.
+# Section 4.5: q = 1 or 2 power iterations for slowly decaying spectra. tests/test_randomized.py
+# shows q = 2 meets the float32 tolerance on singular values of decaying spectra and q = 0
+# does not.
 POWER_ITERATIONS = 2
+# Factors are held to a stricter bound: a reconstruction error within 1 % of the exact
+# truncation's. On the fp16 fine-tune deltas of benchmarks/compress.py (spectrum near 1/i
+# over a noise floor) p = 10 came 0.9-1.2 % above it at rank 128. More columns cost less
+# than more power iterations there: p = 32 stayed within 0.37 % at ranks 16 to 256 (0.92 s
+# a layer at rank 128), q = 4 within 0.23 % (1.37 s), q = 3 within 0.48 % (1.08 s).
+FACTOR_OVERSAMPLE = 32
 # Columns added to the sketch per round of the adaptive path (benchmarks/README.md: 48
 # lands k99 of LLaMA-7B shapes within one round of its final width).
 BLOCK = 48
@@ -75,77 +87,91 @@ def _grow(batch: torch.Tensor, sketch: _Sketch, width: int, power_iterations: in
     return _Sketch(torch.cat([q, block], dim=-1), torch.cat([b, block.mT @ batch], dim=-2), sketch.generators)
 
 
-def truncated_svd(
+def _small_svd(b: torch.Tensor, vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``U_B (b, l, l), S (b, l), Vh (b, l, n)`` of the wide ``B`` (only ``S`` without vectors)."""
+    if not vectors:
+        return torch.linalg.svdvals(b.mT), None, None  # (b, l); the tall orientation is faster
+    u_t, s, vh_t = torch.linalg.svd(b.mT, full_matrices=False)  # B^T = U' S Vh': B = Vh'^T S U'^T
+    return s, vh_t.mT, u_t.mT
+
+
+def adaptive_svd(
     batch: torch.Tensor,
-    rank: int,
+    rank_of: Sequence[RankOf],
     *,
     seeds: Sequence[int],
+    vectors: bool,
+    rank_cap: int | None = None,
+    min_width: int = 0,
     oversample: int = OVERSAMPLE,
     power_iterations: int = POWER_ITERATIONS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Randomized top-``rank`` SVD of a ``(b, m, n)`` stack (Halko et al. 2011, Alg. 4.4).
+    exact_fraction: float = EXACT_FRACTION,
+) -> list[Triplets]:
+    """Top singular triplets of each matrix of a ``(b, m, n)`` stack, as many as it needs.
+
+    ``rank_of[i]`` says how many triplets matrix i needs given its top values known so far
+    (None while they do not settle it). It is asked first with no values: a rank known
+    then sets the width of the first block (rank + ``oversample``). Otherwise the sketch
+    grows by ``BLOCK`` columns a round, never recomputing what it has (randQB_EI, Yu, Gu &
+    Li 2018), and a matrix is done once its need is met by the top ``width - oversample``
+    values. Those values never exceed the true ones (Cauchy interlacing), so an energy
+    rank read from them is never below the exact one. A matrix whose sketch would pass
+    ``EXACT_FRACTION * min(m, n)`` is decomposed exactly instead, unless ``rank_cap`` is
+    given: then its top ``rank_cap`` values are returned whether or not they meet the need.
+    Exact matrices get every value.
 
     Args:
         batch: Matrices of shape (b, m, n), float32 or float64, on any device.
-        rank: Number of singular triplets wanted, k.
-        seeds: One seed per matrix; its Gaussian test matrix depends only on the seed.
-        oversample: Extra columns p of the sketch.
-        power_iterations: Passes q of ``(W W^T)``, each re-orthonormalized by QR.
+        rank_of: One need per matrix.
+        seeds: One seed per matrix; its Gaussian test matrices depend only on the seed.
+        vectors: Return ``U`` and ``Vh`` of the rank needed (else values only).
+        rank_cap: Compute at most this many values per matrix (values only).
+        min_width: Sketch at least this many columns (a spectrum report keeps
+            ``min_width - oversample`` values even of a matrix that needs none).
+        oversample: Columns p beyond the rank needed, and beyond the values trusted.
+        power_iterations: Passes q of ``(W W^T)`` per block, each re-orthonormalized by QR.
+        exact_fraction: The widest sketch, as a share of min(m, n), before the exact path.
 
     Returns:
-        ``U`` (b, m, k), ``S`` (b, k) descending, ``Vh`` (b, k, n), with k = min(rank, m, n).
-    """
-    width = min(rank + oversample, *batch.shape[-2:])
-    sketch = _grow(batch, _Sketch.empty(batch, seeds), width, power_iterations)
-    u_small, s, vh = torch.linalg.svd(sketch.b, full_matrices=False)  # (b, l, l), (b, l), (b, l, n)
-    k = min(rank, width)
-    return (sketch.q @ u_small)[..., :k], s[..., :k], vh[..., :k, :]
-
-
-def adaptive_singular_values(
-    batch: torch.Tensor,
-    energies: Sequence[float],
-    target: float,
-    *,
-    seeds: Sequence[int],
-    rank_cap: int | None = None,
-) -> list[tuple[torch.Tensor, str]]:
-    """Top singular values of each matrix, enough to hold ``target`` of its energy.
-
-    The sketch grows by ``BLOCK`` columns at a time, never recomputing what it has
-    (randQB_EI, Yu, Gu & Li 2018): a matrix is done once the values of ``B = Q^T W``
-    reach the target at some k with ``OVERSAMPLE`` columns to spare, and its top
-    ``width - OVERSAMPLE`` values are returned. Those values never exceed the true ones
-    (Cauchy interlacing), so a rank read from them is never below the exact rank. Once
-    the width would pass a quarter of min(m, n) the rest are decomposed exactly, unless
-    ``rank_cap`` is given: then the top ``rank_cap`` values are returned whether or not
-    they reach the target.
-
-    Returns:
-        Per matrix, its singular values (descending) and the method that produced them.
+        One :class:`Triplets` per matrix, in order.
     """
     side = min(batch.shape[-2:])
     cap = min(rank_cap, side) if rank_cap is not None else None
-    limit = min(cap + OVERSAMPLE, side) if cap is not None else int(EXACT_FRACTION * side)
-    out: dict[int, tuple[torch.Tensor, str]] = {}
-    pending = list(range(len(batch)))
-    active, sketch = batch, _Sketch.empty(batch, seeds)  # the rows of pending
+    limit = min(cap + oversample, side) if cap is not None else int(exact_fraction * side)
+    known = [need(np.empty(0)) for need in rank_of]
+    out: dict[int, Triplets] = {}
+    exact = [i for i, k in enumerate(known) if k is not None and k + oversample > limit and cap is None]
+    pending = [i for i in range(len(batch)) if i not in exact]
+    active = select_rows(batch, pending)
+    sketch = _Sketch.empty(active, [seeds[i] for i in pending])
     while pending and sketch.width < limit:
-        sketch = _grow(active, sketch, min(BLOCK, limit - sketch.width), POWER_ITERATIONS)
-        s = torch.linalg.svdvals(sketch.b.mT)  # (pending, width); tall orientation is faster
-        captured = torch.cumsum(s.double() ** 2, dim=-1)
+        wanted = max((known[i] + oversample for i in pending if known[i] is not None), default=0)
+        unknown = any(known[i] is None for i in pending)
+        step = max(wanted - sketch.width, BLOCK if unknown else 1, min_width - sketch.width)
+        sketch = _grow(active, sketch, min(step, limit - sketch.width), power_iterations)
+        s, u_b, vh_b = _small_svd(sketch.b, vectors)
+        # A sketch as wide as the smaller side spans the whole range: every value is exact.
+        certain = sketch.width if sketch.width == side else sketch.width - oversample
         last = sketch.width == limit
         for row, i in enumerate(pending):
-            reached = int(torch.searchsorted(captured[row], target * energies[i])) + 1  # k holding the target
-            if reached + OVERSAMPLE <= sketch.width:
-                out[i] = (s[row, : sketch.width - OVERSAMPLE], "randomized")
+            values = s[row, :certain]
+            known[i] = rank_of[i](values.double().cpu().numpy())
+            if known[i] is not None and known[i] <= certain:
+                rank = known[i]
             elif last and cap is not None:
-                out[i] = (s[row, :cap], "randomized")
+                values, rank = values[:cap], min(cap, certain)
+            else:
+                continue
+            u = sketch.q[row] @ u_b[row, :, :rank] if vectors else None  # (m, rank)
+            out[i] = Triplets(values, rank, u, vh_b[row, :rank] if vectors else None, "randomized")
         keep = [row for row, i in enumerate(pending) if i not in out]
         pending = [pending[row] for row in keep]
         active, sketch = select_rows(active, keep), sketch.rows(keep)
-    if pending:
-        out |= dict(zip(pending, ((s, "exact") for s in singular_values(active)), strict=True))
+    exact += pending
+    if exact:
+        rows = sorted(exact)
+        found = exact_triplets(select_rows(batch, rows), [rank_of[i] for i in rows], vectors=vectors)
+        out |= dict(zip(rows, found, strict=True))
     return [out[i] for i in range(len(batch))]
 
 
@@ -154,5 +180,5 @@ def select_rows(batch: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return batch if rows == list(range(len(batch))) else batch[rows]
 
 
-__all__ = ["BLOCK", "EXACT_FRACTION", "OVERSAMPLE", "POWER_ITERATIONS", "adaptive_singular_values", "select_rows",
-           "truncated_svd"]  # fmt: skip
+__all__ = ["BLOCK", "EXACT_FRACTION", "FACTOR_OVERSAMPLE", "OVERSAMPLE", "POWER_ITERATIONS", "adaptive_svd",
+           "select_rows"]  # fmt: skip

@@ -2,8 +2,10 @@
 
 JUnit follows the schema Jenkins, GitLab and most test-report actions read: ``<testsuites>``
 holding one ``<testsuite>``; a rule that failed has a ``<failure>`` whose ``message`` is
-its first finding and whose text lists them all; a rule that could not run has
-``<skipped>``. The Markdown fits a job summary page (GitHub's ``$GITHUB_STEP_SUMMARY``).
+its first finding and whose text lists them all; a rule that could not run, and whose
+policy allows that, has ``<skipped>`` with the reason (a rule that may not be skipped stops
+the check before anything is written). The Markdown fits a job summary page (GitHub's
+``$GITHUB_STEP_SUMMARY``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 import xml.etree.ElementTree as ET
 
 from lowrank_audit.policy import CheckResult
-from lowrank_audit.rules import Finding, RuleResult
+from lowrank_audit.rules import Finding, RuleResult, plural
 
 CLASSNAME = "lowrank_audit.check"
 # GitHub caps a job summary at 1 MiB; a rule failing on every layer of a large model
@@ -57,8 +59,8 @@ def junit_xml(result: CheckResult, *, seconds: float | None = None) -> str:
         elif rule.status == "failed":
             failure = ET.SubElement(case, "failure", message=_failure_message(rule), type="PolicyViolation")
             failure.text = "\n".join(_line(f) for f in rule.findings)
-        found = len(rule.findings)
-        ET.SubElement(case, "system-out").text = f"{rule.checked} layers checked, {found} finding{'s' * (found != 1)}"
+        counts = f"{plural(rule.checked, 'layer')} checked, {plural(len(rule.findings), 'finding')}"
+        ET.SubElement(case, "system-out").text = counts
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
@@ -74,11 +76,8 @@ def _code(text: str) -> str:
 
 
 def _summary_line(result: CheckResult) -> str:
-    if result.passed:
-        skipped = result.count("skipped")
-        extra = f" ({skipped} skipped)" if skipped else ""
-        return f"## {_ICONS['passed']} lowrank-audit check passed: {result.headline()}{extra}"
-    return f"## {_ICONS['failed']} lowrank-audit check failed: {result.headline()}"
+    status = "passed" if result.passed else "failed"
+    return f"## {_ICONS[status]} lowrank-audit check {status}: {result.headline()}"
 
 
 def markdown(result: CheckResult, *, max_findings: int = MARKDOWN_FINDINGS) -> str:
@@ -98,7 +97,8 @@ def markdown(result: CheckResult, *, max_findings: int = MARKDOWN_FINDINGS) -> s
             for f in findings[:max_findings]
         ]
         if len(findings) > max_findings:
-            lines += ["", f"… and {len(findings) - max_findings} more findings: every one is in the JUnit report."]
+            more = plural(len(findings) - max_findings, "more finding")
+            lines += ["", f"… and {more}: the JUnit report lists every finding."]
     return "\n".join(lines) + "\n"
 
 
