@@ -17,8 +17,8 @@ process, after imports:
 It prints each run's time, its speed-up over the loop at the same rank, and the largest
 relative excess of the tool's reconstruction error (measured on the written fp16
 adapter) over the exact truncation's error (from the loop's singular values), and for
-the energy target the ranks against the exact energy ranks. Run by hand (about 6 minutes
-on 2 CPU cores; the exact runs are most of it)::
+the energy target the ranks against the exact energy ranks. Run by hand (about 3 minutes
+on 2 CPU cores; the loop and the exact run are most of it)::
 
     python benchmarks/compress.py                       # everything, in a temporary folder
     python benchmarks/compress.py --keep /tmp/pair      # keep the pair to time the CLI by hand
@@ -177,8 +177,10 @@ def main() -> None:
         start = time.perf_counter()
         base, ft = write_pair(folder, args)
         params = sum(np.prod(s) for s in roles(args.hidden, args.intermediate).values()) * args.layers
-        print(f"pair: {params / 1e6:.0f}M matrix parameters per checkpoint, fp16, {ft.stat().st_size / 2**20:.0f} MiB"
-              f" each, written in {time.perf_counter() - start:.0f} s; torch threads {torch.get_num_threads()}")
+        print(
+            f"pair: {params / 1e6:.0f}M matrix parameters per checkpoint, fp16, {ft.stat().st_size / 2**20:.0f} MiB"
+            f" each, written in {time.perf_counter() - start:.0f} s; torch threads {torch.get_num_threads()}"
+        )
         shared, per_rank, spectra = svd_loop(base, ft, [16, 40, 128], Path(tmp))
         print(f"svd loop: {shared:.1f} s shared (read, subtract, SVD), then "
               + ", ".join(f"{per_rank[r]:.2f} s for rank {r}" for r in per_rank))  # fmt: skip

@@ -24,6 +24,7 @@ _EXPORTS = {
     "OptionError": "lowrank_audit.errors",
     "PolicyError": "lowrank_audit.errors",
     "RuleNotEvaluable": "lowrank_audit.errors",
+    "VerificationError": "lowrank_audit.errors",
     "UnpairedTensorsWarning": "lowrank_audit.errors",
 }
 __all__ = ["__version__", *_EXPORTS]
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
         RuleNotEvaluable,
         ShapeMismatchError,
         UnpairedTensorsWarning,
+        VerificationError,
     )
     from lowrank_audit.formats.report import read_report, write_report
     from lowrank_audit.io.checkpoint import open_checkpoint

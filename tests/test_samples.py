@@ -2,8 +2,9 @@
 
 The samples are regenerated once per module (into tmp_path) and compared with the committed
 files in everything that does not depend on floating-point rounding exactly: the file list,
-the JSON files and safetensors headers (byte for byte), tensor names, shapes and dtypes, the
-copies within one run (shards, ``.bin``, ``.npz``, the bfloat16 cast, the truncated file).
+the JSON files and safetensors headers (byte for byte), tensor names, shapes and dtypes, token
+ids, the copies within one run (shards, ``.bin``, ``.npz``, the bfloat16 cast, the truncated
+file, the moments of the calibration dump, the held-out inputs of both dropout dumps).
 Tensor values, spectra and ranks are compared within the tolerances below.
 
 Why not bytes: ATen picks its CPU kernels at run time (AVX-512, AVX2 or scalar; the
@@ -24,14 +25,20 @@ synthetic tensors          0           0           1.8e-7      (ulps of torch.ra
 max |s - s_ref| / s_1, W   0           7.7e-7      1.5e-6
 same, dW = ft - base       0           2.1e-6      2.9e-6
 k90/k95/k99, signal rank   equal       equal       equal
+calibration/ tensors       0           7.8e-6      1.3e-5      (an o_proj's inputs and moments)
+calibration/tokens         equal       equal       equal
+dropout/ tensors           0           0           1.9e-6      (fc2 of the network without dropout)
+forward pass redone        0           4.5e-8      1.5e-7      (committed weights -> committed dumps)
 =========================  ==========  ==========  ==========
 
-(first three rows: relative Frobenius difference ||new - old||_F / ||old||_F.) Real changes,
-measured the same way, move the same figures by much more: a fine-tuning learning rate 1 %
-higher moves the pair's tensors by up to 4.6e-3 and the spectra by 2.2e-3 (W) and 6e-3 (dW);
-one more fine-tuning step (41) by 3.3e-2 and 1.3e-2; the rank-4 noise doubled moves
-``noisy_rank4.weight`` by 8.5e-4. The negative controls at the end check that the comparisons
-reject such changes.
+(first three rows and the last four: relative Frobenius difference ||new - old||_F / ||old||_F,
+the largest over a file's tensors.) Real changes, measured the same way, move the same figures
+by much more: a fine-tuning learning rate 1 % higher moves the pair's tensors by up to 4.6e-3
+and the spectra by 2.2e-3 (W) and 6e-3 (dW); one more fine-tuning step (41) by 3.3e-2 and
+1.3e-2; the rank-4 noise doubled moves ``noisy_rank4.weight`` by 8.5e-4; one more fine-tuning
+step moves the calibration inputs by 2.7e-3 to 9.4e-3; Adam's learning rate 1 % higher moves
+the dropout sample by 3.7e-3 (without dropout) and 9.2e-3 (with). The negative controls at the
+end check that the comparisons reject such changes.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -55,8 +63,13 @@ MODEL_FILES = ["base.safetensors", "finetuned.safetensors", "base.bin", "finetun
 SHARDED = [f"{m}-sharded/{f}" for m in ("base", "finetuned") for f in (
     "config.json", "model.safetensors.index.json",
     "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")]  # fmt: skip
-FILES = sorted([*MODEL_FILES, *SHARDED, "synthetic.safetensors", "synthetic.npz", "truncated.safetensors"])
-SOURCES = {"README.md", "make_samples.py", "tiny_llama.py"}  # in the folder, not made by the script
+CALIBRATION = [f"calibration/{stem}-{i:05d}-of-{n:05d}.safetensors" for stem, n in (("dump", 4), ("heldout", 2),
+               ("moments", 3)) for i in range(1, n + 1)] + ["calibration/tokens.safetensors"]  # fmt: skip
+LABELS = ("dropout", "no_dropout")  # the linear network trained with dropout 0.6 and without
+DROPOUT = [f"dropout/{kind}-{label}.safetensors" for kind in ("activations", "weights") for label in LABELS]
+FILES = sorted([*MODEL_FILES, *SHARDED, "synthetic.safetensors", "synthetic.npz", "truncated.safetensors",
+                *CALIBRATION, *DROPOUT])  # fmt: skip
+SOURCES = {"README.md", "make_samples.py", "tiny_llama.py", "dropout_net.py"}  # in the folder, not made by the script
 JSON_FILES = [f for f in FILES if f.endswith(".json")]
 TENSOR_FILES = [f for f in FILES if f.endswith((".safetensors", ".bin", ".npz")) and f != "truncated.safetensors"]
 
@@ -85,6 +98,27 @@ EXACT_RANK4_ATOL = 1e-6
 # the edge (1.69e-3 in the committed file), the first four move by less than the edge.
 NOISE_EDGE = 1e-4 * (math.sqrt(96) + math.sqrt(64))
 ENERGY_TARGETS = (0.90, 0.95, 0.99)
+# Calibration data of the fine-tuned model (inputs of its nn.Linear modules, their moments):
+# 1.3e-5 measured at most (an o_proj's moments, scalar kernels), 11x below this; one more
+# fine-tuning step moves every module's inputs by 2.7e-3 to 9.4e-3, a fine-tuning update 1 %
+# larger by 1.7e-3 to 5.2e-3.
+CALIBRATION_RTOL = 1.5e-4
+# The dropout sample (the linear network's weights and held-out activations): 1.9e-6 measured,
+# 10x below this; Adam's learning rate 1 % higher moves them by 3.7e-3 (without dropout) and
+# 9.2e-3 (with).
+DROPOUT_RTOL = 2e-5
+# A forward pass redone here (the committed fine-tuned weights on the committed token ids, or
+# x @ fc1.weight^T) against the dumped activations: 1.5e-7 measured under other kernels than
+# the ones that wrote the dump (0 under the same), 13x below this.
+FORWARD_RTOL = 2e-6
+# XᵀX of the dump accumulated in float64 against the moments file: a few ulps (the files come
+# from one run; tests/test_activations_io.py measures below 1e-13 for such sizes).
+GRAM_RTOL = 1e-12
+# The fine-tuned model's nn.Linear modules: the calibration dumps hold exactly these.
+LINEAR_MODULES = sorted(["lm_head"] + [
+    f"model.layers.{i}.{m}" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +269,10 @@ def synthetic_mismatches(t: dict[str, torch.Tensor]) -> list[str]:
 def rtol_for(name: str) -> float:
     if name.startswith("synthetic"):
         return SYNTHETIC_RTOL
+    if name.startswith("calibration/"):
+        return CALIBRATION_RTOL
+    if name.startswith("dropout/"):
+        return DROPOUT_RTOL
     return BF16_RTOL if "bf16" in name else TRAINED_RTOL
 
 
@@ -306,21 +344,101 @@ def test_synthetic_known_answers(folder):
     assert synthetic_mismatches(load_tensors(folder / "synthetic.safetensors")) == []
 
 
+def sample_scripts() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """``make_samples``, ``tiny_llama`` and ``dropout_net`` from sample_checkpoints/, imported
+    without writing ``__pycache__`` beside the committed files."""
+    saved_path, saved_flag = list(sys.path), sys.dont_write_bytecode
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sample_checkpoints"))
+    sys.dont_write_bytecode = True
+    try:
+        import dropout_net
+        import make_samples
+        import tiny_llama
+    finally:
+        sys.path[:], sys.dont_write_bytecode = saved_path, saved_flag
+    return make_samples, tiny_llama, dropout_net
+
+
+def read_shards(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    """All tensors of ``calibration/<stem>-*.safetensors``; each module lies whole in one shard."""
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted((folder / "calibration").glob(f"{stem}-*.safetensors")):
+        part = load_tensors(path)
+        assert not set(part) & set(out), f"{path}: a module in two shards"
+        out.update(part)
+    return out
+
+
+def linear_inputs_of(state: dict[str, torch.Tensor], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the tiny LLaMA with weights ``state`` feeds its nn.Linear modules on token ids ``ids``."""
+    make_samples, tiny_llama, _ = sample_scripts()
+    model = tiny_llama.TinyLlamaForCausalLM(tiny_llama.TinyLlamaConfig())
+    model.load_state_dict(state)
+    return make_samples.linear_inputs(model, lambda: model(ids))
+
+
+def test_calibration_dumps_are_the_fine_tuned_models_linear_inputs(folder):
+    tokens = load_tensors(folder / "calibration" / "tokens.safetensors")
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in tokens.items()} == {
+        "calibration": (torch.int64, (8, 32)), "heldout": (torch.int64, (4, 32))}  # fmt: skip
+    assert all(int(v.min()) >= 0 and int(v.max()) < 96 for v in tokens.values())
+    assert not torch.equal(tokens["calibration"][:4], tokens["heldout"])
+    finetuned = load_tensors(folder / "finetuned.safetensors")
+    for stem, key, rows in (("dump", "calibration", 8), ("heldout", "heldout", 4)):
+        dump = read_shards(folder, stem)
+        assert sorted(dump) == LINEAR_MODULES
+        assert all(tuple(t.shape[:2]) == (rows, 32) and t.dtype == torch.float32 for t in dump.values())
+        assert tensor_mismatches(dump, linear_inputs_of(finetuned, tokens[key]), FORWARD_RTOL) == [], capability()
+
+
+def moments_mismatches(got: dict, want: dict) -> list[str]:
+    """Compare two ``read_activations`` results: rows exactly, XᵀX and the row sum within GRAM_RTOL."""
+    if sorted(got) != sorted(want):
+        return [f"modules {sorted(set(got) ^ set(want))} in one only"]
+    problems = []
+    for name in sorted(want):
+        a, b = got[name], want[name]
+        if (a.count, a.nonfinite) != (b.count, b.nonfinite):
+            problems.append(f"{name}: {a.count} rows ({a.nonfinite} non-finite), want {b.count} ({b.nonfinite})")
+        for part in ("xtx", "total"):
+            x, y = getattr(a, part), getattr(b, part)
+            if x.shape != y.shape or not float((x - y).abs().max()) <= GRAM_RTOL * float(y.abs().max()):
+                problems.append(f"{name}: .{part} differs")
+    return problems
+
+
+def test_calibration_moments_are_the_moments_of_the_dump(folder):
+    from lowrank_audit.io.activations import is_moments, read_activations
+
+    moments_files = sorted((folder / "calibration").glob("moments-*.safetensors"))
+    dump_files = sorted((folder / "calibration").glob("dump-*.safetensors"))
+    assert all(is_moments(p) for p in moments_files) and not any(is_moments(p) for p in dump_files)
+    moments = read_activations(moments_files)
+    assert {m.count for m in moments.values()} == {256} and {m.nonfinite for m in moments.values()} == {0}
+    assert moments_mismatches(moments, read_activations(dump_files)) == []
+
+
+def test_dropout_sample_within_one_run(folder):
+    acts = {label: load_tensors(folder / f"dropout/activations-{label}.safetensors") for label in LABELS}
+    # Both networks saw the same held-out inputs; only what they make of them differs.
+    assert torch.equal(acts["dropout"]["fc1"], acts["no_dropout"]["fc1"])
+    for label, got in acts.items():
+        weights = load_tensors(folder / f"dropout/weights-{label}.safetensors")
+        assert {k: tuple(v.shape) for k, v in weights.items()} == {"fc1.weight": (128, 64), "fc2.weight": (64, 128)}
+        assert {k: tuple(v.shape) for k, v in got.items()} == {"fc1": (384, 64), "fc2": (384, 128)}
+        # fc2's input is fc1's output: the dump is the hidden layer of the weights beside it.
+        hidden = got["fc1"].double() @ weights["fc1.weight"].double().T
+        assert relative_difference(got["fc2"], hidden) <= FORWARD_RTOL, label
+
+
 # Negative controls: the comparisons above reject real changes to the samples.
 
 
 def one_more_sgd_step(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` after one more plain SGD step (lr 0.1, batch 128) on the base task (the first
     thing make_samples.py draws from its seeded generator)."""
-    saved_path, saved_flag = list(sys.path), sys.dont_write_bytecode
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sample_checkpoints"))
-    sys.dont_write_bytecode = True  # write nothing beside the committed files
-    try:
-        import make_samples
-        from tiny_llama import TinyLlamaConfig, TinyLlamaForCausalLM
-    finally:
-        sys.path[:], sys.dont_write_bytecode = saved_path, saved_flag
-    model = TinyLlamaForCausalLM(TinyLlamaConfig())
+    make_samples, tiny_llama, _ = sample_scripts()
+    model = tiny_llama.TinyLlamaForCausalLM(tiny_llama.TinyLlamaConfig())
     model.load_state_dict(state)
     gen = torch.Generator().manual_seed(make_samples.SEED)
     task = make_samples.markov_chain(model.config.vocab_size, 4, gen)
@@ -358,6 +476,33 @@ def test_synthetic_checks_reject_doubled_noise(regenerated):
     assert [p for p in synthetic_mismatches(doubled) if "s_5" in p]
     noiseless = {**synthetic, "noisy_rank4.weight": synthetic["exact_rank4.weight"]}
     assert [p for p in synthetic_mismatches(noiseless) if "s_5" in p]
+
+
+def test_calibration_checks_reject_one_more_training_step(regenerated):
+    tokens = load_tensors(regenerated / "calibration" / "tokens.safetensors")
+    dump = read_shards(regenerated, "dump")
+    stepped_weights = one_more_sgd_step(load_tensors(regenerated / "finetuned.safetensors"))
+    stepped = linear_inputs_of(stepped_weights, tokens["calibration"])
+    # Measured: every module's inputs move by 2.7e-3 to 9.4e-3, 18x CALIBRATION_RTOL and more.
+    assert len(tensor_mismatches(stepped, dump, CALIBRATION_RTOL)) == len(LINEAR_MODULES)
+    # The moments check tells the calibration rows from the held-out ones.
+    from lowrank_audit.io.activations import read_activations
+
+    moments = read_activations(sorted((regenerated / "calibration").glob("moments-*.safetensors")))
+    held_out = read_activations(sorted((regenerated / "calibration").glob("heldout-*.safetensors")))
+    problems = moments_mismatches(moments, held_out)
+    assert sum("rows" in p for p in problems) == len(LINEAR_MODULES), problems
+    assert sum(".xtx differs" in p for p in problems) == len(LINEAR_MODULES), problems
+
+
+def test_dropout_checks_reject_a_hidden_layer_0_1_percent_larger(regenerated):
+    acts = load_tensors(regenerated / "dropout/activations-dropout.safetensors")
+    larger = {**acts, "fc2": acts["fc2"] * 1.001}
+    problems = tensor_mismatches(larger, acts, DROPOUT_RTOL)  # 1e-3, 50x DROPOUT_RTOL
+    assert len(problems) == 1 and problems[0].startswith("fc2: relative difference"), problems
+    weights = load_tensors(regenerated / "dropout/weights-dropout.safetensors")
+    hidden = larger["fc1"].double() @ weights["fc1.weight"].double().T
+    assert not relative_difference(larger["fc2"], hidden) <= FORWARD_RTOL
 
 
 def test_tensor_comparison_rejects_nan_dtype_shape_and_names(regenerated):

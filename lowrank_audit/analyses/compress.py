@@ -25,7 +25,6 @@ in the report's ``treatment`` column:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -36,11 +35,26 @@ import pyarrow as pa
 import torch
 from safetensors import safe_open
 
+from lowrank_audit.analyses.calibration import (
+    WhitenedSource,
+    Whitening,
+    calibration_plan,
+    unwhitened,
+)
+from lowrank_audit.analyses.verification import (
+    check_factors,
+    exact_update,
+    product,
+    squared_norm,
+    tensor_row,
+    ticking,
+    verify_adapter,
+)
 from lowrank_audit.engine.batches import ProgressCallback
 from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
 from lowrank_audit.engine.decompose import Factors, factors, spectra
 from lowrank_audit.engine.needs import Need, RankNeed
-from lowrank_audit.engine.sources import CheckpointSource
+from lowrank_audit.engine.sources import CheckpointSource, MatrixSource
 from lowrank_audit.errors import LowrankAuditError, OptionError, VerificationError
 from lowrank_audit.formats import lowrank, peft
 from lowrank_audit.formats.peft import Plan, module_of
@@ -52,10 +66,6 @@ from lowrank_audit.io.selection import select_matrices
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
 
 REPORT_NAME = "compress-report.parquet"
-# Factors stored in the fine-tune's dtype must reproduce the truncated matrix to this
-# relative Frobenius error; 16-bit storage rounds each factor entry by up to 2^-8.
-VERIFY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-VERIFY_RTOL_16BIT = 2e-2
 
 COMPRESS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("name", pa.string(), "tensor name in the checkpoint"),
@@ -69,6 +79,9 @@ COMPRESS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("energy_kept", pa.float64(), "share of ||W||_F^2 (or ||ΔW||_F^2) the written tensors hold"),
     ("relative_error", pa.float64(), "||W - written||_F / ||W||_F, measured on the written file"),
     ("update_share", pa.float64(), "share of the whole ||ΔW||_F^2 (or ||W||_F^2) in this tensor"),
+    ("calibrated", pa.bool_(), "factored activation-aware (W S, --calibration); false: plain truncation"),
+    ("damping", pa.float64(), "λ added to XᵀX as λ·mean(diag XᵀX) before its Cholesky factor S"),
+    ("output_error", pa.float64(), "||(W - written) S||_F / ||W S||_F: the calibration outputs' relative error"),
 )
 COMPRESS_SCHEMA = schema_of(COMPRESS_COLUMNS)
 
@@ -83,9 +96,8 @@ def _plan_factorized(ckpt: Checkpoint, include: Sequence[str], exclude: Sequence
 
 
 def _need(
-    plan: Plan, ckpt: Checkpoint, base: Checkpoint | None, policy: RankPolicy, config: EngineConfig,
-    progress: ProgressCallback | None,
-) -> Need:  # fmt: skip
+    plan: Plan, source: MatrixSource, policy: RankPolicy, config: EngineConfig, progress: ProgressCallback | None
+) -> Need:
     """What the factor pass must find for each matrix.
 
     A per-matrix policy (an energy target, a fixed rank) is its own need: the factor pass
@@ -96,9 +108,9 @@ def _need(
     if policy.per_matrix:
         return policy.rank_for
     layers: dict[str, LayerSpectrum] = {}
-    for result in spectra(CheckpointSource(ckpt, plan.specs, base), config, progress=progress):
+    for result in spectra(source, config, progress=progress):
         if result.singular_values is None:
-            raise LowrankAuditError(f"{ckpt.path}: tensor {result.spec.name!r} has NaN/Inf entries, not factorized")
+            raise LowrankAuditError(f"{source.path}: tensor {result.spec.name!r} has NaN/Inf entries, not factorized")
         spec = result.spec
         layers[spec.name] = LayerSpectrum(spec.name, spec.rows, spec.cols, result.singular_values, result.energy)
     ordered = [layers[s.name] for s in plan.specs]
@@ -111,21 +123,6 @@ def _split(f: Factors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return (root[:, None] * f.vh).to(dtype), (f.u * root).to(dtype)
 
 
-def _exact_update(name: str, ckpt: Checkpoint, base: Checkpoint | None) -> torch.Tensor:
-    """W, or W - W_base, as precisely as the check needs: in float64 when an input is float64,
-    else in float32, where the difference of two stored values is correctly rounded (each
-    entry within 6e-8 of the exact update, far inside every VERIFY_RTOL but float64's).
-
-    Every full-size buffer is made once and worked in place: each fresh one costs its page
-    faults, which were most of the verification's time (benchmarks/README.md).
-    """
-    w = ckpt[name]
-    wide = w.dtype == torch.float64 or (base is not None and base[name].dtype == torch.float64)
-    work = torch.float64 if wide else torch.float32
-    out = w.to(work, copy=True)
-    return out.sub_(base[name].to(work)) if base is not None else out
-
-
 def compress(
     path: str | Path,
     out: str | Path,
@@ -136,6 +133,7 @@ def compress(
     serving_safe: bool = False,
     bias: str = peft.DEFAULT_BIAS,
     task_type: str | None = None,
+    calibration: Sequence[str | Path] = (),
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     force: bool = False,
@@ -167,6 +165,11 @@ def compress(
             :data:`lowrank_audit.formats.peft.TASK_TYPES`); None reads it from the
             ``architectures`` of the base folder's ``config.json``, else leaves it null.
             ``base_model_name_or_path`` is ``base`` as given.
+        calibration: Activation files (dumps or moments, :mod:`lowrank_audit.io.activations`)
+            of the layers' inputs: each matrix whose module has rows there is truncated to
+            keep its outputs, not its entries (:mod:`lowrank_audit.analyses.calibration`);
+            energy targets then apply to the whitened spectrum (the outputs' energy). The
+            others get plain truncation (``calibrated`` false in the report).
         include, exclude: Globs on tensor names to factorize.
         force: Replace an existing output folder.
         device, dtype, max_batch_mb, method, seed: As for :func:`lowrank_audit.spectrum`.
@@ -202,13 +205,15 @@ def compress(
             if serving_safe or embeddings != "save" or bias != peft.DEFAULT_BIAS or task_type is not None:
                 raise OptionError("--serving-safe, --embeddings, --bias and --task-type apply to adapters: give --base")
             plan = _plan_factorized(ckpt, include, exclude)
-        need = _need(plan, ckpt, base_ckpt, policy, config, progress)
+        whitened = calibration_plan(calibration, plan.specs, ckpt.path)
+        source = WhitenedSource(CheckpointSource(ckpt, plan.specs, base_ckpt), whitened)
+        need = _need(plan, source, policy, config, progress)
         with atomic_folder(out, force=force) as tmp:
             try:
                 if base_ckpt is not None:
-                    rows = _write_adapter(plan, need, ckpt, base_ckpt, config, tmp, progress)
+                    rows = _write_adapter(plan, need, source, whitened, base_ckpt, config, tmp, progress)
                 else:
-                    rows = _write_factorized(plan, need, ckpt, config, tmp, progress)
+                    rows = _write_factorized(plan, need, source, whitened, config, tmp, progress)
             except VerificationError as err:  # the temporary folder goes with it
                 raise VerificationError(f"{out}: {err}; nothing written") from err
             total = sum(r["update_share"] for r in rows)
@@ -224,6 +229,7 @@ def compress(
                     "serving_safe": serving_safe,
                     "bias": bias,
                     "task_type": task_type,
+                    "calibration": [str(p) for p in calibration],
                     "method": method,
                     "seed": seed,
                 },
@@ -233,27 +239,14 @@ def compress(
     return frame
 
 
-def _row(name: str, treatment: str, shape: Sequence[int], **values: Any) -> dict[str, Any]:
-    matrix = len(shape) == 2
-    row = {
-        "name": name,
-        "module": module_of(name)[0],
-        "treatment": treatment,
-        "rows": shape[0] if matrix else None,
-        "cols": shape[1] if matrix else None,
-        "rank": None,
-        "params_before": math.prod(shape),
-    }
-    return row | values
-
-
 def _write_adapter(
-    plan: Plan, need: Need, ckpt: Checkpoint, base: Checkpoint, config: EngineConfig, folder: Path,
-    progress: ProgressCallback | None,
+    plan: Plan, need: Need, source: WhitenedSource, whitened: dict[str, Whitening], base: Checkpoint,
+    config: EngineConfig, folder: Path, progress: ProgressCallback | None,
 ) -> list[dict[str, Any]]:  # fmt: skip
+    ckpt = source.inner.ckpt
     tensors: dict[str, torch.Tensor] = {}
     made: dict[str, Factors] = {}
-    for f in factors(CheckpointSource(ckpt, plan.specs, base), need, config, progress=progress):
+    for f in unwhitened(factors(source, need, config, progress=progress), whitened):
         name = f.spec.name
         module = module_of(name)[0]
         a, b = _split(f, _torch_dtype(f.spec.dtype))
@@ -291,100 +284,15 @@ def _write_adapter(
         **plan.config,
     )
     peft.write_adapter(tensors, config_json, folder)
-    return _verify_adapter(plan, made, ckpt, base, folder / peft.WEIGHTS_NAME)
-
-
-def _verify_adapter(
-    plan: Plan, made: dict[str, Factors], ckpt: Checkpoint, base: Checkpoint, written: Path
-) -> list[dict[str, Any]]:
-    """Re-open the adapter and measure each tensor against the update it stands for."""
-    rows = []
-    with safe_open(str(written), "pt") as adapter:
-        for name, treatment in sorted(plan.treatment.items()):
-            delta = _exact_update(name, ckpt, base)
-            energy = _energy(delta)
-            shape = list(delta.shape)
-            module = module_of(name)[0]
-            if name in made:
-                if treatment == "lora_embedding":
-                    a_t, b_t = (adapter.get_tensor(k) for k in peft.embedding_names(module))
-                    approx = _product(a_t.T, b_t.T)
-                else:
-                    a, b = (adapter.get_tensor(k) for k in peft.lora_names(module))
-                    approx = _product(b, a)
-                values = _check_factors(f"module {module!r}", made[name], approx, delta, energy)
-                rank = made[name].s.numel()
-                values |= {"rank": rank, "params_after": rank * sum(shape)}
-            elif treatment == "lora_bias":
-                got = adapter.get_tensor(peft.lora_bias_name(module)).double()
-                values = _stored_values(got, delta) | {"params_after": delta.numel()}
-            elif treatment == "folded_bias":
-                if not torch.equal(adapter.get_tensor(peft.folded_bias_name(module)), ckpt[name]):
-                    raise VerificationError(f"saved bias {name!r} differs from {ckpt.path}")
-                values = {"params_after": delta.numel(), "energy_kept": 1.0, "relative_error": 0.0}
-            elif treatment == "modules_to_save":
-                if not torch.equal(adapter.get_tensor(peft.saved_name(name)), ckpt[name]):
-                    raise VerificationError(f"saved tensor {name!r} differs from {ckpt.path}")
-                values = {"params_after": delta.numel(), "energy_kept": 1.0, "relative_error": 0.0}
-            else:  # left_out
-                values = {"params_after": 0, "energy_kept": 0.0, "relative_error": 1.0 if energy > 0 else 0.0}
-            rows.append(_row(name, treatment, shape, **values, update_share=energy))
-    return rows
-
-
-def _stored_values(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
-    norm = float(torch.linalg.vector_norm(want))
-    err = float(torch.linalg.vector_norm(got - want)) / norm if norm > 0 else 0.0
-    return {"energy_kept": 1.0, "relative_error": err}
-
-
-def _energy(t: torch.Tensor) -> float:
-    """||t||_F^2: row norms in t's dtype, squared and summed in float64 (as the engine sums
-    them, lowrank_audit.engine.batches.squared_norms), without a float64 copy of t."""
-    return float(torch.linalg.vector_norm(t, dim=-1).double().square().sum())
-
-
-def _product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``B @ A`` of written factors, in float32 (float64 for float64 factors): twice the speed
-    of float64, and its sums err by about 1e-7 relative, far inside every VERIFY_RTOL but
-    float64's."""
-    work = torch.float64 if b.dtype == torch.float64 else torch.float32
-    return b.to(work) @ a.to(work)
-
-
-def _check_factors(
-    label: str, f: Factors, approx: torch.Tensor, matrix: torch.Tensor, energy: float
-) -> dict[str, float]:
-    """Written factors (``approx`` = B @ A) against the truncated matrix (must agree) and
-    against the original ``matrix`` (:func:`_exact_update`, ||matrix||_F^2 = ``energy``).
-
-    ``approx`` is overwritten: both differences are formed in place, as fresh buffers of
-    this size cost more in page faults than the products themselves.
-
-    Raises:
-        VerificationError: ``approx`` is further from the truncation than the stored dtype
-            allows; the message names ``label`` (the module or tensor) and the distance.
-    """
-    work = approx.dtype
-    truncated = (f.u.to(work) * f.s.to(work)) @ f.vh.to(work)
-    scale = _energy(truncated) ** 0.5
-    drift = _energy(truncated.sub_(approx)) ** 0.5 / scale if scale > 0 else 0.0
-    stored = _torch_dtype(f.spec.dtype)
-    rtol = VERIFY_RTOL.get(stored, VERIFY_RTOL_16BIT)
-    if not drift <= rtol:  # NaN fails too
-        raise VerificationError(
-            f"{label} reproduces its rank-{f.s.numel()} truncation only to {drift:.1e} relative (tolerance {rtol:.0e})"
-        )
-    err = _energy(approx.sub_(matrix)) ** 0.5
-    kept = float(f.s.double().square().sum()) / energy if energy > 0 else 1.0
-    return {"energy_kept": min(kept, 1.0), "relative_error": err / energy**0.5 if energy > 0 else 0.0}
+    return verify_adapter(plan, made, whitened, ckpt, base, folder / peft.WEIGHTS_NAME, progress)
 
 
 def _write_factorized(
-    plan: Plan, need: Need, ckpt: Checkpoint, config: EngineConfig, folder: Path,
-    progress: ProgressCallback | None,
+    plan: Plan, need: Need, source: WhitenedSource, whitened: dict[str, Whitening], config: EngineConfig,
+    folder: Path, progress: ProgressCallback | None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    made = {f.spec.name: f for f in factors(CheckpointSource(ckpt, plan.specs), need, config, progress=progress)}
+    ckpt = source.inner.ckpt
+    made = {f.spec.name: f for f in unwhitened(factors(source, need, config, progress=progress), whitened)}
     # A matrix whose factors hold at least as many entries as itself stays dense.
     dense = {s.name for s in plan.specs if made[s.name].s.numel() * (s.rows + s.cols) >= s.rows * s.cols}
     made = {name: f for name, f in made.items() if name not in dense}
@@ -403,21 +311,21 @@ def _write_factorized(
     del tensors
     rows = []
     with safe_open(str(path), "pt") as written:
-        for spec in plan.specs:
-            w = _exact_update(spec.name, ckpt, None)
-            energy = _energy(w)
+        for spec in ticking(plan.specs, progress):
+            w = exact_update(spec.name, ckpt, None)
+            energy = squared_norm(w)
             if spec.name in dense:
                 if not torch.equal(written.get_tensor(spec.name), ckpt[spec.name]):
                     raise VerificationError(f"tensor {spec.name!r} differs from {ckpt.path}")
                 values = {"params_after": w.numel(), "energy_kept": 1.0, "relative_error": 0.0}
-                rows.append(_row(spec.name, "dense", list(w.shape), **values, update_share=energy))
+                rows.append(tensor_row(spec.name, "dense", list(w.shape), **values, update_share=energy))
                 continue
             a_name, b_name = lowrank.factor_names(spec.name)
-            approx = _product(written.get_tensor(b_name), written.get_tensor(a_name))
-            values = _check_factors(f"tensor {spec.name!r}", made[spec.name], approx, w, energy)
+            approx = product(written.get_tensor(b_name), written.get_tensor(a_name))
+            values = check_factors(f"tensor {spec.name!r}", made[spec.name], approx, w, energy, whitened.get(spec.name))
             rank = made[spec.name].s.numel()
             values |= {"rank": rank, "params_after": rank * (spec.rows + spec.cols)}
-            rows.append(_row(spec.name, "factorized", list(w.shape), **values, update_share=energy))
+            rows.append(tensor_row(spec.name, "factorized", list(w.shape), **values, update_share=energy))
         for name in ckpt:
             if name not in made and name not in dense and not torch.equal(written.get_tensor(name), ckpt[name]):
                 raise VerificationError(f"tensor {name!r} differs from {ckpt.path}")

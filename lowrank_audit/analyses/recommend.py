@@ -9,8 +9,6 @@ the ranks and of ``target_modules``; their names are in ``attrs["lowrank_audit"]
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from lowrank_audit.engine.batches import ProgressCallback
-from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD
 from lowrank_audit.errors import OptionError
 from lowrank_audit.formats import peft
 from lowrank_audit.formats.report import build_frame, schema_of
@@ -53,77 +49,6 @@ def layers_from_report(report: pd.DataFrame) -> list[LayerSpectrum]:
     ]
 
 
-def _audit(
-    path: str | Path,
-    policy: RankPolicy,
-    base: str | Path | None = None,
-    *,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    device: str = "auto",
-    dtype: str = "float32",
-    max_batch_mb: float = DEFAULT_MAX_BATCH_MB,
-    method: str = DEFAULT_METHOD,
-    rank_cap: int | None = None,
-    seed: int = 0,
-    command: str | None = None,
-    progress: ProgressCallback | None = None,
-) -> tuple[list[LayerSpectrum], dict[str, str], dict[str, Any]]:
-    """The spectra ``policy`` needs of the 2-D matrices of a checkpoint (or ``path - base``).
-
-    Options as for :func:`lowrank_audit.spectrum`; the engine runs with the policy as its
-    need (:meth:`RankPolicy.rank_for`), or a report's (k99) under a budget.
-
-    Returns:
-        The matrices' spectra, their module paths by name, and the audit's provenance.
-
-    Raises:
-        OptionError: No finite 2-D matrix was audited.
-    """
-    from lowrank_audit.analyses.spectrum import warn_unpaired
-    from lowrank_audit.engine.config import EngineConfig
-    from lowrank_audit.engine.decompose import spectra
-    from lowrank_audit.engine.needs import REPORT_NEED
-    from lowrank_audit.engine.sources import CheckpointSource
-    from lowrank_audit.io.checkpoint import open_checkpoint
-    from lowrank_audit.io.provenance import checkpoint_inputs, provenance
-    from lowrank_audit.io.selection import select_matrices
-
-    config = EngineConfig.create(
-        device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, rank_cap=rank_cap, seed=seed
-    )
-    with ExitStack() as stack:
-        ckpt = stack.enter_context(open_checkpoint(path))
-        base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
-        selection = select_matrices(ckpt, base=base_ckpt, include=include, exclude=exclude)
-        warn_unpaired(selection)
-        source = CheckpointSource(ckpt, [s for s in selection.specs if len(s.shape) == 2], base=base_ckpt)
-        need = policy.rank_for if policy.per_matrix else REPORT_NEED
-        results = [r for r in spectra(source, config, need=need, progress=progress) if r.singular_values is not None]
-        inputs = checkpoint_inputs(ckpt, base_ckpt)
-    if not results:
-        raise OptionError(f"{path}: no finite 2-D matrix to recommend a rank for")
-    results.sort(key=lambda r: r.spec.name)
-    layers = [LayerSpectrum(r.spec.name, r.spec.rows, r.spec.cols, r.singular_values, r.energy) for r in results]
-    meta = provenance(
-        command=command or f"lowrank_audit.recommend({str(path)!r}, base={str(base) if base else None!r})",
-        inputs=inputs,
-        device=config.device_name,
-        options={
-            "dtype": dtype,
-            "max_batch_mb": max_batch_mb,
-            "method": method,
-            "rank_cap": rank_cap,
-            "seed": seed,
-            "include": list(include),
-            "exclude": list(exclude),
-        },  # fmt: skip
-        skipped=selection.skipped,
-        unpaired=selection.unpaired,
-    )
-    return layers, {r.spec.name: r.spec.module for r in results}, meta
-
-
 def recommend(
     source: pd.DataFrame | str | Path, policy: RankPolicy | None = None, *, base: str | Path | None = None,
     **options: Any,
@@ -146,16 +71,15 @@ def recommend(
         OptionError: ``base`` with a report; a report with no 2-D matrix; a truncated
             spectrum too short for the policy (audit the checkpoint, or use ``--method exact``).
     """
-    policy = policy or RankPolicy.create()
-    if isinstance(source, pd.DataFrame) or Path(source).suffix == ".parquet":
-        from lowrank_audit.analyses.spectrum import load_spectrum
+    from lowrank_audit.analyses.spectrum import load_spectrum
+    from lowrank_audit.engine.needs import REPORT_NEED
 
-        report = source if isinstance(source, pd.DataFrame) else load_spectrum(source, base)
-        layers = layers_from_report(report)
-        modules = dict(zip(report["name"], report["module"], strict=True))
-        spectrum_meta = report.attrs.get("lowrank_audit", {})
-    else:
-        layers, modules, spectrum_meta = _audit(source, policy, base, **options)
+    policy = policy or RankPolicy.create()
+    # A checkpoint is audited for what the policy needs (a budget needs the report's spectra).
+    need = policy.rank_for if policy.per_matrix else REPORT_NEED
+    report = source if isinstance(source, pd.DataFrame) else load_spectrum(source, base, need=need, **options)
+    layers = layers_from_report(report)
+    modules = dict(zip(report["name"], report["module"], strict=True))
     changed = [layer for layer in layers if layer.energy > 0]
     rows = [
         {"name": a.name, "module": modules[a.name], "rows": lay.rows, "cols": lay.cols, "rank": a.rank,
@@ -164,7 +88,7 @@ def recommend(
     ]  # fmt: skip
     meta = {
         "policy": policy.describe(),
-        "spectrum": spectrum_meta,
+        "spectrum": report.attrs.get("lowrank_audit", {}),
         "unchanged": [layer.name for layer in layers if layer.energy == 0],
     }
     return build_frame(rows, meta, schema=RANKS_SCHEMA)

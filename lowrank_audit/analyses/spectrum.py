@@ -13,6 +13,7 @@ import pandas as pd
 from lowrank_audit.engine.batches import ProgressCallback
 from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
 from lowrank_audit.engine.decompose import MatrixResult, spectra
+from lowrank_audit.engine.needs import REPORT_NEED, Need
 from lowrank_audit.engine.sources import CheckpointSource
 from lowrank_audit.errors import OptionError, UnpairedTensorsWarning
 from lowrank_audit.formats.report import build_frame, read_report
@@ -22,8 +23,10 @@ from lowrank_audit.io.selection import Selection, select_matrices
 from lowrank_audit.metrics import matrix_metrics
 
 
-def _row(result: MatrixResult, eps: float) -> dict[str, Any]:
+def report_row(result: MatrixResult, eps: float) -> dict[str, Any]:
+    """One report row: the matrix's identity, and the metrics of its singular values."""
     spec, s = result.spec, result.singular_values
+    rows, cols = spec.matrix
     row: dict[str, Any] = {
         "name": spec.name,
         "module": spec.module,
@@ -32,17 +35,17 @@ def _row(result: MatrixResult, eps: float) -> dict[str, Any]:
         "kind": spec.kind,
         "expert": result.index,
         "shape": list(spec.shape),
-        "rows": spec.rows,
-        "cols": spec.cols,
+        "rows": rows,
+        "cols": cols,
         "dtype": spec.dtype,
-        "numel": spec.rows * spec.cols,
+        "numel": rows * cols,
         "nonfinite": result.nonfinite,
         "method": result.method,
         "k": len(s) if s is not None else 0,
         "singular_values": s.tolist() if s is not None else None,
     }
     if s is not None:
-        row |= matrix_metrics(s, spec.rows, spec.cols, eps=eps, energy=result.energy)
+        row |= matrix_metrics(s, rows, cols, eps=eps, energy=result.energy)
     return row
 
 
@@ -72,6 +75,7 @@ def spectrum(
     seed: int = 0,
     command: str | None = None,
     progress: ProgressCallback | None = None,
+    need: Need = REPORT_NEED,
 ) -> pd.DataFrame:
     """Singular-value spectrum and metrics of every matrix of a checkpoint, or of ``path - base``.
 
@@ -92,6 +96,8 @@ def spectrum(
         seed: Seed of the randomized method; the same seed gives the same report.
         command: Command line recorded in the report's provenance.
         progress: Called with cumulative :class:`Progress` after each batch.
+        need: How many top values a truncated row must hold
+            (:mod:`lowrank_audit.engine.needs`); by default enough for k99.
 
     Returns:
         A report frame (columns in :data:`lowrank_audit.report.COLUMNS`), one row per
@@ -119,8 +125,8 @@ def spectrum(
         selection = select_matrices(ckpt, base=base_ckpt, include=include, exclude=exclude)
         warn_unpaired(selection)
         source = CheckpointSource(ckpt, selection.specs, base=base_ckpt)
-        results = spectra(source, config, progress=progress)
-        rows = sorted((_row(r, config.eps) for r in results), key=lambda r: (r["name"], r["expert"] or 0))
+        results = spectra(source, config, need=need, progress=progress)
+        rows = sorted((report_row(r, config.eps) for r in results), key=lambda r: (r["name"], r["expert"] or 0))
         inputs = checkpoint_inputs(ckpt, base_ckpt)
     metadata = provenance(
         command=command or f"lowrank_audit.spectrum({str(path)!r}, base={str(base) if base else None!r})",
@@ -160,4 +166,4 @@ def load_spectrum(source: str | Path, base: str | Path | None = None, **options:
     return spectrum(source, base, **options)
 
 
-__all__ = ["load_spectrum", "spectrum", "warn_unpaired"]
+__all__ = ["load_spectrum", "report_row", "spectrum", "warn_unpaired"]

@@ -4,7 +4,15 @@
 ``render`` tables, JSON and progress; one module per command.
 """
 
-from lowrank_audit.cli import check, compress, expand, recommend, spectrum  # noqa: F401 - registers the commands
+from lowrank_audit.cli import (  # noqa: F401 - registers the commands
+    activations,
+    capture,
+    check,
+    compress,
+    expand,
+    recommend,
+    spectrum,
+)
 from lowrank_audit.cli.app import app
 
 

@@ -70,6 +70,14 @@ def compress(
             metavar="TYPE",
         ),
     ] = None,
+    calibration: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--calibration",
+            help="Activation files (dumps or moments from capture) of the layers' inputs: matrices with calibration rows keep their outputs, not their entries (factor W S, S the Cholesky factor of XᵀX). Repeat for shards.",
+            metavar="ACTS",
+        ),
+    ] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     force: ForceOpt = False,
@@ -91,7 +99,7 @@ def compress(
         started = time.perf_counter()
         with progress_bar(reporting.progress) as progress:
             report = run_compress(
-                checkpoint, out, base=base, policy=rank_policy, embeddings=embeddings, serving_safe=serving_safe,
+                checkpoint, out, base=base, policy=rank_policy, embeddings=embeddings, serving_safe=serving_safe, calibration=calibration or (),
                 include=include or (), exclude=exclude or (), force=force, command=command_line(),
                 bias=bias, task_type=task_type, progress=progress, **engine,
             )  # fmt: skip

@@ -69,7 +69,8 @@ def render(frame: pd.DataFrame, reporting: Reporting, elapsed: float, out: Path 
     meta = frame.attrs["lowrank_audit"]
     if reporting.tables:
         rows = summary_rows(frame, reporting.top)
-        what = "updates (checkpoint - base)" if (frame["kind"] == "delta").all() else "matrices"
+        kinds = {"delta": "updates (checkpoint - base)", "activation": "activations"}
+        what = kinds.get(frame["kind"].iloc[0], "matrices") if frame["kind"].nunique() == 1 else "matrices"
         out_console.print(table(rows, TABLE, f"Most low-rank {what} ({len(rows)} of {len(frame)}, by k95%)"))
     for row in frame[frame["nonfinite"] > 0].to_dict("records"):
         line(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf entries; not decomposed")

@@ -80,6 +80,12 @@ def squared_norms(batch: torch.Tensor) -> tuple[list[float], list[int]]:
     return energies, counts
 
 
+def gram_energies(batch: torch.Tensor) -> tuple[list[float], list[int]]:
+    """||X||_F^2 = trace(XᵀX) of each Gram matrix of a stack, and its NaN/Inf entry count."""
+    counts = (~torch.isfinite(batch)).flatten(1).sum(dim=1).tolist()
+    return batch.diagonal(dim1=-2, dim2=-1).sum(dim=-1).tolist(), counts
+
+
 @dataclass
 class Batch:
     """One batch read from its source: the stacked matrices and what was learned while reading.
@@ -107,12 +113,13 @@ def load(batch_specs: list[MatrixSpec], source: MatrixSource, config: EngineConf
     source.release()
     identities = [(spec, j) for spec in batch_specs for j in range(spec.count)]
     shape = (len(identities), batch_specs[0].rows, batch_specs[0].cols)
-    stack = torch.empty(shape, dtype=config.dtype, pin_memory=config.device.type == "cuda")  # (b, m, n)
+    dtype = torch.float64 if source.gram else config.dtype  # a Gram's small eigenvalues need float64
+    stack = torch.empty(shape, dtype=dtype, pin_memory=config.device.type == "cuda")  # (b, m, n)
     row = 0
     for spec in batch_specs:
         source.read(spec, stack[row : row + spec.count])
         row += spec.count
-    energies, nonfinite = squared_norms(stack)
+    energies, nonfinite = gram_energies(stack) if source.gram else squared_norms(stack)
     return Batch(batch_specs, identities, stack, energies, nonfinite)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from lowrank_audit.engine.batches import Batch, ProgressCallback, stream
 from lowrank_audit.engine.config import EngineConfig
-from lowrank_audit.engine.exact import Triplets, exact_triplets, flip_signs
+from lowrank_audit.engine.exact import Triplets, exact_triplets, flip_signs, gram_triplets
 from lowrank_audit.engine.needs import REPORT_NEED, Need
 from lowrank_audit.engine.randomized import BLOCK, FACTOR_OVERSAMPLE, adaptive_svd, select_rows
 from lowrank_audit.engine.sources import MatrixSource
@@ -46,9 +46,13 @@ def _seed(seed: int, spec: MatrixSpec, index: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{spec.name}[{index}]".encode())) % 2**63
 
 
-def _decompose(batch: Batch, rows: list[int], need: Need, config: EngineConfig, *, vectors: bool) -> list[Triplets]:
+def _decompose(
+    batch: Batch, rows: list[int], need: Need, config: EngineConfig, *, vectors: bool, gram: bool = False
+) -> list[Triplets]:
     """What ``need`` asks of the given rows of a batch, computed on the configured device."""
     stack = select_rows(batch.stack, rows).to(config.device, non_blocking=True)  # pinned source on CUDA
+    if gram:
+        return gram_triplets(stack, [min(batch.identities[i][0].shape) for i in rows])
     rank_of = [partial(need, batch.identities[i][0], energy=batch.energies[i]) for i in rows]
     # rank_cap limits a spectrum; factors are asked for a rank and always get it.
     cap = None if vectors else config.rank_cap
@@ -80,7 +84,7 @@ def spectra(
     """
     for batch in stream(source, config, progress=progress):
         finite = [i for i, n in enumerate(batch.nonfinite) if n == 0]
-        found = _decompose(batch, finite, need, config, vectors=False) if finite else []
+        found = _decompose(batch, finite, need, config, vectors=False, gram=source.gram) if finite else []
         values = {i: (t.s.cpu().double().numpy(), t.method) for i, t in zip(finite, found, strict=True)}
         batch.stack = None  # free it before the reader fills the batch after next
         for row, (spec, j) in enumerate(batch.identities):

@@ -116,7 +116,7 @@ def adaptive_svd(
     Li 2018), and a matrix is done once its need is met by the top ``width - oversample``
     values. Those values never exceed the true ones (Cauchy interlacing), so an energy
     rank read from them is never below the exact one. A matrix whose sketch would pass
-    ``EXACT_FRACTION * min(m, n)`` is decomposed exactly instead, unless ``rank_cap`` is
+    ``exact_fraction * min(m, n)`` is decomposed exactly instead, unless ``rank_cap`` is
     given: then its top ``rank_cap`` values are returned whether or not they meet the need.
     Exact matrices get every value.
 

@@ -9,21 +9,28 @@ products, training snapshots) is a new source and never touches the engine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from lowrank_audit.io.activations import Moments
 from lowrank_audit.io.checkpoint import Checkpoint
-from lowrank_audit.io.selection import MatrixSpec, read_matrices
+from lowrank_audit.io.selection import MatrixSpec, parse_name, read_matrices
 
 
 class MatrixSource(Protocol):
-    """Named matrices for the engine."""
+    """Named matrices for the engine.
+
+    A source whose ``gram`` is True offers each matrix X as its Gram matrix G = XᵀX
+    (``rows == cols == d``; the spec's ``shape`` is X's ``(N, d)``): the engine reads it in
+    float64, takes ||X||_F² = trace(G) and σ(X) from the eigenvalues of G.
+    """
 
     specs: tuple[MatrixSpec, ...]
     path: Path  # named in errors about a matrix
+    gram: bool
 
     def read(self, spec: MatrixSpec, out: torch.Tensor) -> None:
         """Fill ``out`` (count, rows, cols), already in the compute dtype, with the matrices of ``spec``."""
@@ -41,6 +48,7 @@ class CheckpointSource:
     def __init__(self, ckpt: Checkpoint, specs: Sequence[MatrixSpec], base: Checkpoint | None = None) -> None:
         self.ckpt, self.base, self.specs = ckpt, base, tuple(specs)
         self.path = ckpt.path
+        self.gram = False
 
     def read(self, spec: MatrixSpec, out: torch.Tensor) -> None:
         read_matrices(spec, self.ckpt, self.base, out)
@@ -55,4 +63,32 @@ class CheckpointSource:
             self.base.release()
 
 
-__all__ = ["CheckpointSource", "MatrixSource"]
+class GramSource:
+    """Activations: each module's input rows X (N x d), offered as G = XᵀX from their moments
+    (:class:`~lowrank_audit.io.activations.Moments`), centered with ``center``."""
+
+    def __init__(
+        self, moments: Mapping[str, Moments], *, center: bool = False, path: Path = Path("activations")
+    ) -> None:
+        self.moments, self.center, self.path, self.gram = dict(moments), center, path, True
+        self.specs = tuple(_activation_spec(m) for m in self.moments.values())
+
+    def read(self, spec: MatrixSpec, out: torch.Tensor) -> None:
+        moments = self.moments[spec.name]
+        # Rows with NaN/Inf were left out of the sums; the module is not decomposed (as a
+        # matrix with NaN is not), and the analysis reports how many rows they were.
+        out[0].copy_(moments.gram(center=self.center) if not moments.nonfinite else torch.nan)
+
+    def stored_bytes(self, spec: MatrixSpec) -> int:
+        return spec.rows * spec.cols * 8
+
+    def release(self) -> None:
+        return None
+
+
+def _activation_spec(m: Moments) -> MatrixSpec:
+    module, role, layer = parse_name(m.module)
+    return MatrixSpec(m.module, module, role, layer, "activation", (m.count, m.width), "float64", m.width, m.width, 1)
+
+
+__all__ = ["CheckpointSource", "GramSource", "MatrixSource"]

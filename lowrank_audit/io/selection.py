@@ -42,7 +42,7 @@ class MatrixSpec:
     module: str
     role: str
     layer: int | None
-    kind: str  # "weight" or "delta"
+    kind: str  # "weight", "delta" or "activation"
     shape: tuple[int, ...]
     dtype: str
     rows: int
@@ -52,6 +52,12 @@ class MatrixSpec:
     @property
     def numel(self) -> int:
         return self.count * self.rows * self.cols
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """Rows and columns of the audited matrix: ``(rows, cols)``, except for activations,
+        whose X (N x d) the engine reads as its d x d Gram matrix."""
+        return (self.shape[0], self.shape[1]) if self.kind == "activation" else (self.rows, self.cols)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,89 @@
+"""``activations``: the spectrum report of what each module sees, from dumps or moments.
+
+Activation files (:mod:`lowrank_audit.io.activations`) -> moments per module -> a
+:class:`~lowrank_audit.engine.sources.GramSource` -> the engine's Gram kernel (σ(X) from
+the float64 eigenvalues of XᵀX) -> the same metrics and report as ``spectrum``, with
+``kind = "activation"``, ``rows`` = N input rows and ``cols`` = d features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from lowrank_audit.analyses.spectrum import report_row
+from lowrank_audit.engine.batches import ProgressCallback
+from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
+from lowrank_audit.engine.decompose import spectra
+from lowrank_audit.engine.sources import GramSource
+from lowrank_audit.errors import NoMatricesSelected
+from lowrank_audit.formats.report import build_frame
+from lowrank_audit.io.activations import read_activations
+from lowrank_audit.io.provenance import file_digest, provenance
+from lowrank_audit.io.selection import wanted
+
+# σ from the eigenvalues of XᵀX in float64 are exact to about sqrt(eps64)·σ₁: the numerical
+# rank counts values above that, not above float64's own eps.
+GRAM_EPS = math.sqrt(2.0**-52)
+
+
+def activations(
+    paths: Sequence[str | Path],
+    *,
+    center: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str = "auto",
+    dtype: str = "float32",
+    max_batch_mb: float = DEFAULT_MAX_BATCH_MB,
+    method: str = DEFAULT_METHOD,
+    seed: int = 0,
+    command: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> pd.DataFrame:
+    """Singular-value spectrum of each module's input rows X, one report row per module.
+
+    Args:
+        paths: Activation files: dumps (shards whose rows concatenate) or moments, in any mix.
+        center: Spectrum of the centered rows X - 1μᵀ (the covariance's) instead of X's.
+        include, exclude: Globs on module paths.
+        device, dtype, max_batch_mb, method, seed: The engine options; activation spectra are
+            always exact (float64 eigenvalues of the d x d Gram matrix), whatever ``method``.
+        command: Command line recorded in the report's provenance.
+        progress: Called with cumulative progress after each batch.
+
+    Returns:
+        A spectrum report frame (:data:`lowrank_audit.formats.report.COLUMNS`): ``kind`` is
+        ``activation``, ``rows`` the number of rows N, ``cols`` the width d, ``nonfinite``
+        the rows holding NaN or Inf (such a module is not decomposed).
+
+    Raises:
+        CheckpointError: A file is missing, unreadable or not activations (names file and module).
+        NoMatricesSelected: No module is left after ``include``/``exclude``.
+    """
+    config = EngineConfig.create(device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, seed=seed)
+    moments = {m: v for m, v in read_activations(paths).items() if wanted(m, include, exclude)}
+    if not moments:
+        raise NoMatricesSelected(f"{', '.join(map(str, paths))}: no module to audit after --include/--exclude")
+    source = GramSource(moments, center=center, path=Path(paths[0]))
+    rows = []
+    for result in spectra(source, config, progress=progress):
+        row = report_row(result, GRAM_EPS)
+        row["nonfinite"] = moments[result.spec.name].nonfinite
+        rows.append(row)
+    rows.sort(key=lambda r: r["name"])
+    metadata = provenance(
+        command=command or f"lowrank_audit.activations({[str(p) for p in paths]!r}, center={center})",
+        inputs={"activations": [file_digest(Path(p)) for p in paths]},
+        device=config.device_name,
+        options={"center": center, "include": list(include), "exclude": list(exclude)},
+        skipped={},
+        unpaired={},
+    )
+    return build_frame(rows, metadata)
+
+
+__all__ = ["GRAM_EPS", "activations"]

@@ -1,0 +1,71 @@
+"""``lowrank-audit activations``: the spectrum report of what each module sees."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lowrank_audit.cli.app import command, command_line, user_errors
+from lowrank_audit.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, Reporting, path_option
+from lowrank_audit.cli.render import print_json, progress_bar
+from lowrank_audit.cli.spectrum import json_summary, render
+
+
+@command()
+def activations(
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Activation files: dumps ([N, d] or [B, T, d] tensors named by module path; shards concatenate) or moments files written by capture.",
+            metavar="ACTS...",
+            show_default=False,
+        ),
+    ],
+    center: Annotated[
+        bool,
+        typer.Option(
+            "--center", help="Spectrum of the centered rows (the covariance's) instead of the raw rows'.", metavar=""
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None,
+        path_option(
+            "--out", "Write the report (one row per module, singular values included) to this Parquet file.", "-o"
+        ),
+    ] = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    force: ForceOpt = False,
+    *,
+    engine: dict,
+    reporting: Reporting,
+) -> None:
+    """Singular-value spectrum of the inputs each module sees: how low-rank are the activations?
+
+    The singular values of a module's input rows X come from the eigenvalues of XᵀX in float64 (exact, streamed: memory does not grow with the rows). The report has the columns of spectrum's, with kind = activation, rows = N and cols = d; check reads it like any other.
+
+    Example: lowrank-audit activations sample_checkpoints/dropout/activations-dropout.safetensors --out acts.parquet
+    """
+    with user_errors():
+        from lowrank_audit.analyses.activations import activations as run_activations
+        from lowrank_audit.formats.report import write_report
+        from lowrank_audit.io.outputs import check_target
+
+        if out is not None:
+            check_target(out, files, force=force)
+        started = time.perf_counter()
+        with progress_bar(reporting.progress) as progress:
+            frame = run_activations(
+                files, center=center, include=include or (), exclude=exclude or (), command=command_line(),
+                progress=progress, **engine,
+            )  # fmt: skip
+        elapsed = time.perf_counter() - started
+        if out is not None:
+            write_report(frame, out, force=force)
+        if reporting.as_json:
+            print_json(json_summary(frame, out))
+        else:
+            render(frame, reporting, elapsed, out)
