@@ -119,25 +119,28 @@ def _read_dump(path: Path, into: dict[str, Moments]) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        for module in f.keys():  # noqa: SIM118 - a safe_open handle, not a dict
-            sliced = f.get_slice(module)
-            shape = sliced.get_shape()
-            if len(shape) not in (2, 3) or sliced.get_dtype() not in ("F64", "F32", "F16", "BF16"):
-                raise CheckpointError(
-                    f"{path}: tensor {module!r} is not activations: need a float [N, d] or [B, T, d], "
-                    f"got {sliced.get_dtype()} {list(shape)}"
-                )
-            width = shape[-1]
-            moments = into.setdefault(module, Moments.empty(module, width))
-            if moments.width != width:
-                raise CheckpointError(
-                    f"{path}: module {module!r} has width {width} here but {moments.width} in an earlier file"
-                )
-            # A chunk of whole leading rows: a [B, T, d] dump is read B-slices at a time.
-            per_lead = 1 if len(shape) == 2 else shape[1]
-            step = max(1, _chunk_rows(width) // max(per_lead, 1))
-            for start in range(0, shape[0], step):
-                moments.add(sliced[start : start + step])
+        layout = {m: (f.get_slice(m).get_shape(), f.get_slice(m).get_dtype()) for m in f.keys()}  # noqa: SIM118
+    for module, (shape, dtype) in layout.items():
+        if len(shape) not in (2, 3) or dtype not in ("F64", "F32", "F16", "BF16"):
+            raise CheckpointError(
+                f"{path}: tensor {module!r} is not activations: need a float [N, d] or [B, T, d], "
+                f"got {dtype} {list(shape)}"
+            )
+        width = shape[-1]
+        moments = into.setdefault(module, Moments.empty(module, width))
+        if moments.width != width:
+            raise CheckpointError(
+                f"{path}: module {module!r} has width {width} here but {moments.width} in an earlier file"
+            )
+        # A chunk of whole leading rows: a [B, T, d] dump is read B-slices at a time. The file
+        # is mapped afresh for each chunk, so pages read for one chunk stop counting as
+        # resident memory once it is added (a map held open keeps every page it touched).
+        step = max(1, _chunk_rows(width) // (1 if len(shape) == 2 else max(shape[1], 1)))
+        for start in range(0, shape[0], step):
+            with safe_open(str(path), "pt") as f:
+                chunk = f.get_slice(module)[start : start + step]
+            moments.add(chunk)
+            del chunk
 
 
 def read_activations(paths: Sequence[str | Path]) -> dict[str, Moments]:
