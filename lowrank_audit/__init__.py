@@ -12,6 +12,8 @@ from lowrank_audit._version import __version__
 
 _EXPORTS = {
     "spectrum": "lowrank_audit.analyses.spectrum",
+    "activations": "lowrank_audit.analyses.activations",
+    "capture": "lowrank_audit.analyses.capture",
     "open_checkpoint": "lowrank_audit.io.checkpoint",
     "read_report": "lowrank_audit.formats.report",
     "write_report": "lowrank_audit.formats.report",
@@ -30,6 +32,8 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from lowrank_audit.analyses.activations import activations
+    from lowrank_audit.analyses.capture import capture
     from lowrank_audit.analyses.spectrum import spectrum
     from lowrank_audit.errors import (
         CheckpointError,

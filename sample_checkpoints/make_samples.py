@@ -213,6 +213,9 @@ def write_calibration(model: TinyLlamaForCausalLM, task: torch.Tensor, out: Path
     folder = out / "calibration"
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"calibration": calibration, "heldout": held_out}, folder / "tokens.safetensors")
+    # The calibration sequences as `lowrank-audit capture --inputs` takes them: named as the
+    # model's forward argument, `model(ids=...)`.
+    save_file({"ids": calibration}, folder / "batches.safetensors")
     dump = linear_inputs(model, lambda: model(calibration))  # module -> (8, 32, d)
     for stem, inputs in (("dump", dump), ("heldout", linear_inputs(model, lambda: model(held_out)))):
         for fname, part in small_shards(inputs, stem):

@@ -143,4 +143,16 @@ class TinyLlamaForCausalLM(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-__all__ = ["TinyLlamaConfig", "TinyLlamaForCausalLM"]
+def finetuned() -> TinyLlamaForCausalLM:
+    """The fine-tuned sample model, for ``lowrank-audit capture --model tiny_llama:finetuned``
+    (run from this folder, so that ``tiny_llama`` is importable)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    model = TinyLlamaForCausalLM(TinyLlamaConfig())
+    model.load_state_dict(load_file(Path(__file__).resolve().parent / "finetuned.safetensors"))
+    return model
+
+
+__all__ = ["TinyLlamaConfig", "TinyLlamaForCausalLM", "finetuned"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -68,7 +67,9 @@ def test_each_layer_keeps_its_held_out_outputs_better(dense):
     # truncation (optimal for ||W - W'||_F) wins in total.
     gen = torch.Generator().manual_seed(0)
     noise = {m: torch.randn(512, x.shape[1], generator=gen, dtype=torch.float64) for m, x in heldout.items()}
-    plain_noise = sum(_output_error(original[f"{m}.weight"], dense["plain"][f"{m}.weight"], x) for m, x in noise.items())
+    plain_noise = sum(
+        _output_error(original[f"{m}.weight"], dense["plain"][f"{m}.weight"], x) for m, x in noise.items()
+    )
     cal_noise = sum(_output_error(original[f"{m}.weight"], dense["calibrated"][f"{m}.weight"], x)
                     for m, x in noise.items())  # fmt: skip
     assert cal_noise > plain_noise
@@ -88,7 +89,10 @@ def test_the_whole_model_keeps_its_held_out_logits_better(dense):
     ids = load_file(CAL / "tokens.safetensors")["heldout"]
     with torch.no_grad():
         want = _model(load_file(FT))(ids)
-        errors = {label: float(torch.linalg.vector_norm(_model(dense[label])(ids) - want)) for label in ("plain", "calibrated")}
+        errors = {
+            label: float(torch.linalg.vector_norm(_model(dense[label])(ids) - want))
+            for label in ("plain", "calibrated")
+        }
     assert errors["calibrated"] < errors["plain"], errors
 
 
@@ -131,7 +135,10 @@ def test_damping_grows_until_the_factorization_exists():
 
 def test_bad_calibration_is_one_line_exit_2(tmp_path):
     save_file({"model.layers.0.mlp.down_proj": torch.randn(10, 64)}, tmp_path / "wide.safetensors")
-    with pytest.raises(CheckpointError, match=r"wide\.safetensors: module 'model\.layers\.0\.mlp\.down_proj' has activations of width 64 but"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"wide\.safetensors: module 'model\.layers\.0\.mlp\.down_proj' has activations of width 64",
+    ):
         compress(FT, tmp_path / "o", calibration=[tmp_path / "wide.safetensors"])
     save_file({"other.module": torch.randn(10, 64)}, tmp_path / "none.safetensors")
     with pytest.raises(OptionError, match="no module in common"):
@@ -143,5 +150,8 @@ def test_bad_calibration_is_one_line_exit_2(tmp_path):
                                       str(tmp_path / "nan.safetensors")])  # fmt: skip
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "nan.safetensors: module 'model.layers.0.self_attn.q_proj' has 1 activation rows" in lines[0]
+    assert (
+        len(lines) == 1
+        and "nan.safetensors: module 'model.layers.0.self_attn.q_proj' has 1 activation rows" in lines[0]
+    )
     assert not (tmp_path / "o").exists()

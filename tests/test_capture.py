@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import sys
 import textwrap
 import warnings
@@ -261,8 +263,6 @@ def test_cli_raw_dumps_and_json(helper, tmp_path):
     result = invoke("capture", "-m", f"{HELPER}:tiny_llama", "--inputs", batches_path, "-o", "raw.safetensors",
                     "--raw", "--max-rows", "50", "-i", "*.0.self_attn.*", "--json")  # fmt: skip
     assert result.exit_code == 0, result.output
-    import json
-
     summary = json.loads(result.stdout)
     assert summary["kind"] == "dumps" and summary["batches"] == 3
     assert {m["module"]: (m["rows"], m["kept"]) for m in summary["modules"]} == {
@@ -360,3 +360,12 @@ def test_capture_on_cuda_matches_the_cpu(helper, tmp_path):
         assert on_gpu[name].xtx.device.type == "cpu"
         # Different float32 kernels feed the layers: inputs agree to float32 rounding, not bits.
         assert _close(on_gpu[name].xtx, m.xtx, rtol=1e-4), name
+
+
+def test_cli_defaults_are_the_library_defaults():
+    from lowrank_audit.analyses.capture import DEFAULT_MAX_ROWS
+    from lowrank_audit.cli.capture import capture as command
+    from lowrank_audit.io.model_inputs import DEFAULT_BATCH_SIZE
+
+    params = inspect.signature(command).parameters
+    assert (params["batch_size"].default, params["max_rows"].default) == (DEFAULT_BATCH_SIZE, DEFAULT_MAX_ROWS)

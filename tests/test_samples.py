@@ -64,7 +64,8 @@ SHARDED = [f"{m}-sharded/{f}" for m in ("base", "finetuned") for f in (
     "config.json", "model.safetensors.index.json",
     "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")]  # fmt: skip
 CALIBRATION = [f"calibration/{stem}-{i:05d}-of-{n:05d}.safetensors" for stem, n in (("dump", 4), ("heldout", 2),
-               ("moments", 3)) for i in range(1, n + 1)] + ["calibration/tokens.safetensors"]  # fmt: skip
+               ("moments", 3)) for i in range(1, n + 1)] + [
+               "calibration/tokens.safetensors", "calibration/batches.safetensors"]  # fmt: skip
 LABELS = ("dropout", "no_dropout")  # the linear network trained with dropout 0.6 and without
 DROPOUT = [f"dropout/{kind}-{label}.safetensors" for kind in ("activations", "weights") for label in LABELS]
 FILES = sorted([*MODEL_FILES, *SHARDED, "synthetic.safetensors", "synthetic.npz", "truncated.safetensors",

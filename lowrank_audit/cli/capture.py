@@ -145,5 +145,6 @@ def capture(
             shown = rows[: reporting.top]
             out_console.print(table(shown, columns, f"capture ({len(shown)} of {len(rows)} modules)"))
         shared = f"; {len(result.groups)} groups of modules shared an input" if result.groups else ""
-        line(f"{kind} of {len(rows)} Linear inputs over {result.batches} batches written to {out} "
+        batches = f"{result.batches} batch" + ("es" if result.batches != 1 else "")
+        line(f"{kind} of {len(rows)} Linear inputs over {batches} written to {out} "
              f"in {elapsed:.2f} s{shared}")  # fmt: skip

@@ -46,12 +46,20 @@ SourceArg = Annotated[Path, path_argument("SOURCE", "A spectrum report (.parquet
 IncludeOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--include", "-i", help="Glob on tensor names to use; repeat for several. Default: all.", metavar="GLOB"
+        "--include",
+        "-i",
+        help="Glob on names to use (tensor names; module paths for activations); repeat for several. Default: all.",
+        metavar="GLOB",
     ),
 ]
 ExcludeOpt = Annotated[
     list[str] | None,
-    typer.Option("--exclude", "-x", help="Glob on tensor names to leave out; repeat for several.", metavar="GLOB"),
+    typer.Option(
+        "--exclude",
+        "-x",
+        help="Glob on names to leave out (tensor names; module paths for activations); repeat for several.",
+        metavar="GLOB",
+    ),
 ]
 
 # The engine (lowrank_audit.engine.config.EngineConfig): the same options, defaults and help everywhere.
