@@ -26,7 +26,7 @@ TABLE = (("name", "layer", "{}"), ("treatment", "treatment", "{}"), ("rank", "ra
          ("params_after", "params", "{:,}"), ("energy_kept", "kept", "{:.1%}"),
          ("relative_error", "error", "{:.3f}"))  # fmt: skip
 JSON_COLUMNS = ("name", "module", "treatment", "rows", "cols", "rank", "params_before", "params_after", "energy_kept",
-                "relative_error", "update_share")  # fmt: skip
+                "relative_error", "update_share", "calibrated", "damping", "output_error")  # fmt: skip
 
 
 @command()
@@ -114,7 +114,10 @@ def compress(
         if reporting.tables:
             shown = report.head(reporting.top)
             title = f"compress ({rank_policy.describe()}; {len(shown)} of {len(report)} tensors)"
-            out_console.print(table(shown.to_dict("records"), TABLE, title))
+            # With calibration, the outputs' error is the figure the truncation minimized.
+            calibrated = bool(report["calibrated"].fillna(False).any())
+            columns = TABLE + ((("output_error", "out error", "{:.3f}"),) if calibrated else ())
+            out_console.print(table(shown.to_dict("records"), columns, title))
         text = f"{before:,} -> {after:,} parameters ({before / max(after, 1):.1f}x smaller)"
         if not left.empty:
             text += f"; {len(left)} tensors left out, {left['update_share'].sum():.2%} of the update"
