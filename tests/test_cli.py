@@ -163,7 +163,7 @@ def test_method_options(samples):
     )
 
 
-COMMANDS = ["spectrum", "recommend", "compress", "expand", "check"]
+COMMANDS = ["spectrum", "recommend", "compress", "expand", "check", "activations", "capture"]
 
 
 def test_help_has_no_type_placeholders():

@@ -20,7 +20,7 @@ def activations(
         list[Path],
         typer.Argument(
             help="Activation files: dumps ([N, d] or [B, T, d] tensors named by module path; shards concatenate) or moments files written by capture.",
-            metavar="ACTS...",
+            metavar="ACTS",
             show_default=False,
         ),
     ],

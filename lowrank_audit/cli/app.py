@@ -38,7 +38,7 @@ class Command(_NoFlagMetavar, TyperCommand):
 
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
         pieces = super().collect_usage_pieces(ctx)
-        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+        return [p.replace("{", "").replace("}", "") for p in pieces]
 
     def format_help(self, ctx: typer.Context, formatter: typer.core.click.HelpFormatter) -> None:
         for param in self.params:
