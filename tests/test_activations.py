@@ -110,3 +110,26 @@ def test_bad_activation_input_is_one_line_exit_2(tmp_path):
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "ints.safetensors: tensor 'm' is not activations" in lines[0]
+
+
+def test_numerical_and_signal_rank_do_not_collapse_with_many_rows(tmp_path):
+    # The same distribution seen over 4,000 rows and over 10^8 (moments scaled by 25,000):
+    # the Gram's rounding does not grow with N, so neither may the numerical-rank cut-off.
+    x = _x(4000, 16, 6, decay=0.7)
+    small = Moments.empty("m", 16)
+    small.add(x)
+    big = Moments("m", small.xtx * 25_000, small.total * 25_000, small.count * 25_000)
+    write_moments([small], tmp_path / "small.safetensors")
+    write_moments([big], tmp_path / "big.safetensors")
+    rows = [activations([tmp_path / f], device="cpu").iloc[0] for f in ("small.safetensors", "big.safetensors")]
+    assert rows[1]["rows"] == 10**8
+    assert rows[0]["numerical_rank"] == rows[1]["numerical_rank"] == 16
+    assert rows[0]["signal_rank"] == rows[1]["signal_rank"] > 0
+    assert rows[0]["k95"] == rows[1]["k95"]
+
+
+def test_no_rows_is_one_line_exit_2(tmp_path):
+    save_file({"m": torch.zeros(0, 4)}, tmp_path / "empty.safetensors")
+    result = CliRunner().invoke(app, ["activations", str(tmp_path / "empty.safetensors")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"Error: {tmp_path / 'empty.safetensors'}: module 'm' has no activation rows"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -122,15 +123,32 @@ def test_energy_targets_apply_to_the_outputs(tmp_path):
     report = compress(FT, tmp_path / "e", policy=RankPolicy.create(energy=0.9), calibration=DUMPS, method="exact")
     calibrated = report[report["calibrated"].fillna(False).astype(bool)]
     assert (calibrated["energy_kept"] >= 0.9).all()
+    # Negative control: the same ranks do not hold 0.9 of the weights' own energy everywhere,
+    # so the target was applied to the whitened spectrum, not to W's.
+    weights = load_file(FT)
+    plain_share = [
+        float(np.sum(s[:rank] ** 2) / np.sum(s**2))
+        for name, rank in zip(calibrated["name"], calibrated["rank"], strict=True)
+        for s in [np.linalg.svd(weights[name].double().numpy(), compute_uv=False)]
+    ]
+    assert min(plain_share) < 0.9
 
 
 def test_damping_grows_until_the_factorization_exists():
-    x = torch.randn(5, 8, dtype=torch.float64)  # rank 5 of 8: XᵀX is singular
+    # A moments file may hold a Gram that is not positive semidefinite (rounding, or edits):
+    # eigenvalues 1, 1, 1, -0.5 need λ·mean(diag) = λ·0.625 > 0.5, so λ grows from 1e-6 to 1.
+    gram = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5], dtype=torch.float64))
+    w = whitening(Moments("m", gram, torch.zeros(4, dtype=torch.float64), 10), "acts.safetensors")
+    assert DAMPING_START < w.damping == 1.0
+    assert torch.allclose(w.factor @ w.factor.T, gram + w.damping * gram.diagonal().mean() * torch.eye(4))
+    # A well-conditioned Gram keeps the starting damping (negative control of the growth).
     m = Moments.empty("m", 8)
-    m.add(x)
-    w = whitening(m, "acts.safetensors")
-    assert w.damping >= DAMPING_START
-    assert torch.allclose(w.factor @ w.factor.T, m.xtx + w.damping * m.xtx.diagonal().mean() * torch.eye(8))
+    m.add(torch.randn(50, 8, dtype=torch.float64))
+    assert whitening(m, "acts.safetensors").damping == DAMPING_START
+    # Past DAMPING_MAX it is an error, never a silent fallback.
+    worse = torch.diag(torch.tensor([1.0, 1.0, 1.0, -2.0], dtype=torch.float64))
+    with pytest.raises(CheckpointError, match="not positive definite even with damping 1"):
+        whitening(Moments("m", worse, torch.zeros(4, dtype=torch.float64), 10), "acts.safetensors")
 
 
 def test_bad_calibration_is_one_line_exit_2(tmp_path):
@@ -155,3 +173,20 @@ def test_bad_calibration_is_one_line_exit_2(tmp_path):
         and "nan.safetensors: module 'model.layers.0.self_attn.q_proj' has 1 activation rows" in lines[0]
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_a_calibration_file_inside_the_output_is_an_input_never_replaced(tmp_path):
+    out = tmp_path / "compressed"
+    out.mkdir()
+    acts = out / "acts.safetensors"
+    acts.write_bytes(MOMENTS[0].read_bytes())
+    result = CliRunner().invoke(app, ["compress", str(FT), "--rank", "4", "--calibration", str(acts), "--out", str(out),
+                                      "--force"])  # fmt: skip
+    assert result.exit_code == 2 and "would overwrite input" in result.stderr
+    assert acts.read_bytes() == MOMENTS[0].read_bytes()
+
+
+def test_calibration_files_are_in_the_provenance_with_their_hash(dense):
+    inputs = dense["calibrated-report"].attrs["lowrank_audit"]["inputs"]
+    assert [d["path"] for d in inputs["calibration"]] == [str(p) for p in DUMPS]
+    assert all(len(d["sha256"]) == 64 and d["size"] > 0 for d in inputs["calibration"])

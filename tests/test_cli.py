@@ -215,3 +215,22 @@ def test_json_and_top_in_every_reporting_command(samples, tmp_path):
         assert len(data["rows"]) >= 14, command
     top = invoke("recommend", ft, "--base", base, "--top", "3")
     assert "3 of 16 layers" in top.stdout and "model.embed_tokens" in top.stdout and "model.layers.1" not in top.stdout
+
+
+def test_error_lines_keep_colon_words_literal(tmp_path):
+    # ":x:" is a rich emoji code; a path holding it must reach the user as typed.
+    missing = tmp_path / "model:x:.safetensors"
+    result = invoke("spectrum", missing)
+    assert_one_line_error(result, f"{missing}: no such file or folder")
+
+
+def test_capture_on_an_empty_batch_file_is_one_line_exit_2(tmp_path):
+    (tmp_path / "factory.py").write_text("import torch\n\ndef build():\n    return torch.nn.Linear(4, 2)\n")
+    save_file({"input": torch.zeros(0, 4)}, tmp_path / "empty.safetensors")
+    result = subprocess.run(
+        [sys.executable, "-m", "lowrank_audit", "capture", "--model", "factory:build", "--inputs", "empty.safetensors",
+         "--out", "acts.safetensors"], capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("Error: empty.safetensors:") and "\n" not in result.stderr.strip()
+    assert not (tmp_path / "acts.safetensors").exists()

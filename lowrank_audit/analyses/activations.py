@@ -71,7 +71,10 @@ def activations(
     source = GramSource(moments, center=center, path=Path(paths[0]))
     rows = []
     for result in spectra(source, config, progress=progress):
-        row = report_row(result, GRAM_EPS)
+        # The decomposed matrix is the d x d Gram, whose eigenvalues err by about eps·λ₁
+        # whatever N is: the numerical-rank cut-off σ₁·max(N, d)·eps must not grow with N.
+        rows_n, width = result.spec.matrix
+        row = report_row(result, GRAM_EPS * width / max(rows_n, width, 1))
         row["nonfinite"] = moments[result.spec.name].nonfinite
         rows.append(row)
     rows.sort(key=lambda r: r["name"])

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_audit.errors import LowrankAuditError, NoMatricesSelected, OptionError
+from lowrank_audit.errors import CheckpointError, LowrankAuditError, NoMatricesSelected, OptionError
 from lowrank_audit.io.activations import Moments, write_dumps, write_moments
 from lowrank_audit.io.model_inputs import DEFAULT_BATCH_SIZE, load_model, one_line, open_batches
 from lowrank_audit.io.outputs import check_target
@@ -382,6 +382,8 @@ def capture_to_file(
             raise
         raise OptionError(f"--model {model}: the forward pass on {inputs} (tensors {', '.join(batches.names)}, "
                           f"--batch-size {batch_size}) failed: {one_line(exc)}") from exc  # fmt: skip
+    if result.batches == 0:
+        raise CheckpointError(f"{inputs}: holds no rows (first dimension 0): nothing to run the model on")
     if raw:
         write_dumps(result.rows, out, force=force)
     else:

@@ -61,7 +61,7 @@ from lowrank_audit.formats.peft import Plan, module_of
 from lowrank_audit.formats.report import build_frame, schema_of, write_report
 from lowrank_audit.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_audit.io.outputs import atomic_folder, check_target
-from lowrank_audit.io.provenance import checkpoint_inputs, provenance
+from lowrank_audit.io.provenance import checkpoint_inputs, file_digest, provenance
 from lowrank_audit.io.selection import select_matrices
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
 
@@ -197,7 +197,8 @@ def compress(
     with ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(path))
         base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
-        out = check_target(out, [ckpt.path, *([base_ckpt.path] if base_ckpt else [])], force=force, folder=True)
+        inputs = [ckpt.path, *([base_ckpt.path] if base_ckpt else []), *map(Path, calibration)]
+        out = check_target(out, inputs, force=force, folder=True)
         if base_ckpt is not None:
             plan = peft.plan_adapter(ckpt, base_ckpt, embeddings=embeddings, serving_safe=serving_safe,
                                      include=include, exclude=exclude, bias=bias, task_type=task_type)  # fmt: skip
@@ -221,7 +222,8 @@ def compress(
                 r["update_share"] = r["update_share"] / total if total > 0 else 0.0
             metadata = provenance(
                 command=command or f"lowrank_audit.compress({str(path)!r}, {str(out)!r}, base={base!r})",
-                inputs=checkpoint_inputs(ckpt, base_ckpt),
+                inputs=checkpoint_inputs(ckpt, base_ckpt)
+                | ({"calibration": [file_digest(Path(p)) for p in calibration]} if calibration else {}),
                 device=config.device_name,
                 policy=policy.describe(),
                 options={

@@ -27,8 +27,9 @@ PIPE_WIDTH = 10_000
 
 
 def _console(stderr: bool) -> Console:
-    probe = Console(stderr=stderr)
-    return probe if probe.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True)
+    # emoji=False: ":x" in a module path or error message must not become an emoji.
+    probe = Console(stderr=stderr, emoji=False)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True, emoji=False)
 
 
 out_console = _console(stderr=False)

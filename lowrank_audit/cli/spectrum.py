@@ -65,6 +65,10 @@ def json_summary(frame: pd.DataFrame, out: Path | None) -> dict:
     }
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n:,} {one if n == 1 else many}"
+
+
 def render(frame: pd.DataFrame, reporting: Reporting, elapsed: float, out: Path | None) -> None:
     meta = frame.attrs["lowrank_audit"]
     if reporting.tables:
@@ -73,12 +77,14 @@ def render(frame: pd.DataFrame, reporting: Reporting, elapsed: float, out: Path 
         what = kinds.get(frame["kind"].iloc[0], "matrices") if frame["kind"].nunique() == 1 else "matrices"
         out_console.print(table(rows, TABLE, f"Most low-rank {what} ({len(rows)} of {len(frame)}, by k95%)"))
     for row in frame[frame["nonfinite"] > 0].to_dict("records"):
-        line(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf entries; not decomposed")
+        what = "rows" if row["kind"] == "activation" else "entries"
+        line(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf {what}; not decomposed")
     capped = int((frame["k95"].isna() & (frame["method"] == "randomized")).sum())
     if capped:
         line(f"{capped} matrices: 95 % of the energy not reached within --rank-cap; k95 left empty")
     tensors = frame["name"].nunique()
-    text = f"Audited {len(frame)} matrices from {tensors} tensors on {meta['device']} in {elapsed:.2f} s"
+    text = f"Audited {_count(len(frame), 'matrix', 'matrices')} from {_count(tensors, 'tensor', 'tensors')}"
+    text += f" on {meta['device']} in {elapsed:.2f} s"
     text += f"; {len(meta['skipped'])} tensors skipped (not matrices)" if meta["skipped"] else ""
     line(text + (f"; report written to {out}" if out else ""))
 

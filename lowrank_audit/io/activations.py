@@ -174,6 +174,9 @@ def read_activations(paths: Sequence[str | Path]) -> dict[str, Moments]:
             raise
         except Exception as exc:  # safetensors raises its own types for bad headers and data
             raise CheckpointError(f"{path}: cannot read activations: {exc}") from exc
+    empty = [m for m, moments in out.items() if moments.count + moments.nonfinite == 0]
+    if empty:
+        raise CheckpointError(f"{', '.join(map(str, paths))}: module {empty[0]!r} has no activation rows")
     return dict(sorted(out.items()))
 
 
