@@ -41,9 +41,9 @@ from lowrank_audit.rules import (
     RuleResult,
     Scope,
     blocker,
-    plural,
     unmet,
 )
+from lowrank_audit.wording import plural
 
 if sys.version_info >= (3, 11):
     import tomllib

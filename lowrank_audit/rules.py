@@ -36,11 +36,6 @@ NEEDS = {"updates": "needs --base BASE", "baseline": "needs --baseline REPORT"}
 UNEVALUABLE = ("error", "skip")
 
 
-def plural(n: int, noun: str) -> str:
-    """``1 finding``, ``2 findings``: a count and its noun, in the number the count needs."""
-    return f"{n:,} {noun}{'s' * (n != 1)}"
-
-
 @dataclass(frozen=True)
 class Finding:
     """One layer breaking one rule."""
@@ -377,7 +372,6 @@ __all__ = [
     "Scope",
     "blocker",
     "labels",
-    "plural",
     "relative_change",
     "unmet",
 ]

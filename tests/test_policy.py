@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 import lowrank_audit
 from lowrank_audit.errors import OptionError, PolicyError, RuleNotEvaluable
 from lowrank_audit.policy import TABLE, CheckResult, check, load_policy, parse_policy, require_inputs
-from lowrank_audit.rules import DEFAULT_TOLERANCE, Finding, RuleResult, plural, relative_change
+from lowrank_audit.rules import DEFAULT_TOLERANCE, Finding, RuleResult, relative_change
+from lowrank_audit.wording import plural
 from tests.conftest import SAMPLES, SV_ATOL, reference_singular_values
 
 if sys.version_info >= (3, 11):

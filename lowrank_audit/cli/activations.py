@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from lowrank_audit.cli.app import command, command_line, user_errors
 from lowrank_audit.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, Reporting, path_option
-from lowrank_audit.cli.render import print_json, progress_bar
-from lowrank_audit.cli.spectrum import json_summary, render
+from lowrank_audit.cli.spectrum import report_command
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from lowrank_audit.engine.batches import ProgressCallback
 
 
 @command()
@@ -51,21 +54,11 @@ def activations(
     """
     with user_errors():
         from lowrank_audit.analyses.activations import activations as run_activations
-        from lowrank_audit.formats.report import write_report
-        from lowrank_audit.io.outputs import check_target
 
-        if out is not None:
-            check_target(out, files, force=force)
-        started = time.perf_counter()
-        with progress_bar(reporting.progress) as progress:
-            frame = run_activations(
+        def audit(progress: ProgressCallback | None) -> pd.DataFrame:
+            return run_activations(
                 files, center=center, include=include or (), exclude=exclude or (), command=command_line(),
                 progress=progress, **engine,
             )  # fmt: skip
-        elapsed = time.perf_counter() - started
-        if out is not None:
-            write_report(frame, out, force=force)
-        if reporting.as_json:
-            print_json(json_summary(frame, out))
-        else:
-            render(frame, reporting, elapsed, out)
+
+        report_command(audit, files, out, force=force, reporting=reporting)

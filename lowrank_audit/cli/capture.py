@@ -13,6 +13,7 @@ import typer
 from lowrank_audit.cli.app import command, user_errors
 from lowrank_audit.cli.options import DeviceOpt, ExcludeOpt, ForceOpt, IncludeOpt, Reporting, path_option
 from lowrank_audit.cli.render import err_console, line, out_console, print_json, table
+from lowrank_audit.wording import plural
 
 if TYPE_CHECKING:
     from lowrank_audit.analyses.capture import Capture
@@ -145,6 +146,5 @@ def capture(
             shown = rows[: reporting.top]
             out_console.print(table(shown, columns, f"capture ({len(shown)} of {len(rows)} modules)"))
         shared = f"; {len(result.groups)} groups of modules shared an input" if result.groups else ""
-        batches = f"{result.batches} batch" + ("es" if result.batches != 1 else "")
-        line(f"{kind} of {len(rows)} Linear inputs over {batches} written to {out} "
+        line(f"{kind} of {len(rows)} Linear inputs over {plural(result.batches, 'batch', 'batches')} written to {out} "
              f"in {elapsed:.2f} s{shared}")  # fmt: skip

@@ -63,7 +63,7 @@ def skips(result: CheckResult) -> str:
 
 def verdict(result: CheckResult, top: int, quiet: bool) -> None:
     """The one line --quiet keeps: passed or FAILED, the counts, what was skipped and why, the policy."""
-    from lowrank_audit.rules import plural
+    from lowrank_audit.wording import plural
 
     if len(result.findings) > top and not quiet:
         line(f"{plural(len(result.findings) - top, 'more finding')} not shown (--top, or --junit/--json for all)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -18,9 +19,12 @@ from lowrank_audit.cli.options import (
     path_option,
 )
 from lowrank_audit.cli.render import frame_rows, line, missing, out_console, print_json, progress_bar, table
+from lowrank_audit.wording import plural
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from lowrank_audit.engine.batches import ProgressCallback
 
 # The summary table after the module name: (report column, heading, format).
 TABLE = (
@@ -65,10 +69,6 @@ def json_summary(frame: pd.DataFrame, out: Path | None) -> dict:
     }
 
 
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n:,} {one if n == 1 else many}"
-
-
 def render(frame: pd.DataFrame, reporting: Reporting, elapsed: float, out: Path | None) -> None:
     meta = frame.attrs["lowrank_audit"]
     if reporting.tables:
@@ -83,7 +83,7 @@ def render(frame: pd.DataFrame, reporting: Reporting, elapsed: float, out: Path 
     if capped:
         line(f"{capped} matrices: 95 % of the energy not reached within --rank-cap; k95 left empty")
     tensors = frame["name"].nunique()
-    text = f"Audited {_count(len(frame), 'matrix', 'matrices')} from {_count(tensors, 'tensor', 'tensors')}"
+    text = f"Audited {plural(len(frame), 'matrix', 'matrices')} from {plural(tensors, 'tensor')}"
     text += f" on {meta['device']} in {elapsed:.2f} s"
     text += f"; {len(meta['skipped'])} tensors skipped (not matrices)" if meta["skipped"] else ""
     line(text + (f"; report written to {out}" if out else ""))
@@ -117,21 +117,34 @@ def spectrum(
     """
     with user_errors():
         from lowrank_audit.analyses.spectrum import spectrum as run_spectrum
-        from lowrank_audit.formats.report import write_report
-        from lowrank_audit.io.outputs import check_target
 
-        if out is not None:
-            check_target(out, [checkpoint] + ([base] if base else []), force=force)
-        started = time.perf_counter()
-        with progress_bar(reporting.progress) as progress:
-            frame = run_spectrum(
+        def audit(progress: ProgressCallback | None) -> pd.DataFrame:
+            return run_spectrum(
                 checkpoint, base, include=include or (), exclude=exclude or (), rank_cap=rank_cap,
                 command=command_line(), progress=progress, **engine,
             )  # fmt: skip
-        elapsed = time.perf_counter() - started
-        if out is not None:
-            write_report(frame, out, force=force)
-        if reporting.as_json:
-            print_json(json_summary(frame, out))
-        else:
-            render(frame, reporting, elapsed, out)
+
+        report_command(audit, [checkpoint] + ([base] if base else []), out, force=force, reporting=reporting)
+
+
+def report_command(
+    audit: Callable[[ProgressCallback | None], pd.DataFrame], inputs: Sequence[Path], out: Path | None, *,
+    force: bool, reporting: Reporting,
+) -> None:  # fmt: skip
+    """What a command that makes a spectrum report does around it: refuse ``out`` early, audit
+    under a progress bar, write the report, show the table or JSON (spectrum, activations)."""
+    from lowrank_audit.formats.report import write_report
+    from lowrank_audit.io.outputs import check_target
+
+    if out is not None:
+        check_target(out, inputs, force=force)
+    started = time.perf_counter()
+    with progress_bar(reporting.progress) as progress:
+        frame = audit(progress)
+    elapsed = time.perf_counter() - started
+    if out is not None:
+        write_report(frame, out, force=force)
+    if reporting.as_json:
+        print_json(json_summary(frame, out))
+    else:
+        render(frame, reporting, elapsed, out)

@@ -14,7 +14,8 @@ import re
 import xml.etree.ElementTree as ET
 
 from lowrank_audit.policy import CheckResult
-from lowrank_audit.rules import Finding, RuleResult, plural
+from lowrank_audit.rules import Finding, RuleResult
+from lowrank_audit.wording import plural
 
 CLASSNAME = "lowrank_audit.check"
 # GitHub caps a job summary at 1 MiB; a rule failing on every layer of a large model
