@@ -3,7 +3,9 @@
 Four ways to choose, exactly one per run:
 
 - ``energy``: per matrix, the smallest k whose top-k singular values hold that share of
-  ||W||_F^2 (the k of :func:`lowrank_audit.metrics.energy_rank`);
+  ||W||_F^2 (the k of :func:`lowrank_audit.metrics.energy_rank`), less the matrix's
+  precision floor unless ``above_floor`` is False: the energy that rounding to the stored
+  dtype put into it is noise, and a target that reaches into it asks for noise;
 - ``rank``: the same k everywhere, capped at min(m, n);
 - ``budget_params``: a total number of adapter parameters, spent greedily on the rank-1
   components with the most energy per parameter (a component of an m x n matrix costs
@@ -43,6 +45,7 @@ class RankPolicy:
     min_rank: int = 1
     max_rank: int | None = None
     round_to: int = 1
+    above_floor: bool = True  # energy targets apply to ||W||_F^2 less the precision floor
 
     @classmethod
     def create(
@@ -55,6 +58,7 @@ class RankPolicy:
         min_rank: int = 1,
         max_rank: int | None = None,
         round_to: int = 1,
+        above_floor: bool = True,
     ) -> RankPolicy:
         """Validate options as a user spells them; ``energy`` 0.95 when no way is given.
 
@@ -78,14 +82,14 @@ class RankPolicy:
             raise OptionError(f"--max-rank {max_rank} is below --min-rank {min_rank}")
         if not chosen:
             energy = DEFAULT_ENERGY
-        return cls(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to)
+        return cls(energy, rank, budget_params, avg_rank, min_rank, max_rank, round_to, above_floor)
 
     @property
     def per_matrix(self) -> bool:
         """Whether each matrix's rank depends on that matrix alone (energy or fixed rank), not on a budget."""
         return self.budget_params is None and self.avg_rank is None
 
-    def rank_for(self, spec: MatrixSpec, s: np.ndarray, energy: float) -> int | None:
+    def rank_for(self, spec: MatrixSpec, s: np.ndarray, energy: float, floor: float = 0.0) -> int | None:
         """The rank :func:`allocate` gives one matrix, from the top of its spectrum known so far.
 
         A :class:`~lowrank_audit.engine.needs.Need`: the engine grows a randomized sketch
@@ -97,13 +101,14 @@ class RankPolicy:
             spec: The matrix (its name and shape).
             s: Its top singular values known so far, float64 descending, possibly empty.
             energy: Its ||W||_F^2.
+            floor: Its precision floor (energy of storage rounding).
 
         Returns:
             The rank, or None while ``s`` does not settle it.
         """
         if not self.per_matrix:
             raise ValueError(f"a budget ({self.describe()}) allocates across matrices, not per matrix")
-        return _rank_from_top(LayerSpectrum(spec.name, spec.rows, spec.cols, s, energy), self)
+        return _rank_from_top(LayerSpectrum(spec.name, spec.rows, spec.cols, s, energy, floor), self)
 
     def describe(self) -> str:
         if self.rank is not None:
@@ -112,7 +117,7 @@ class RankPolicy:
             return f"budget {self.budget_params:,} parameters"
         if self.avg_rank is not None:
             return f"average rank {self.avg_rank}"
-        return f"energy {self.energy}"
+        return f"energy {self.energy}" + ("" if self.above_floor else " (precision floor counted)")
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,7 @@ class LayerSpectrum:
     cols: int
     singular_values: np.ndarray  # descending; may hold only the top of the spectrum
     energy: float
+    floor: float = 0.0  # precision floor: energy of storage rounding (0 when unknown)
 
     @property
     def side(self) -> int:
@@ -190,7 +196,8 @@ def _rank_from_top(layer: LayerSpectrum, policy: RankPolicy) -> int | None:
     elif policy.energy >= 1:
         k = layer.side  # every component, however small: energy 1.0 means full rank
     else:
-        k = energy_rank(layer.singular_values, layer.energy, policy.energy)
+        target = layer.energy - layer.floor if policy.above_floor and layer.floor < layer.energy else layer.energy
+        k = energy_rank(layer.singular_values, target, policy.energy)
     if k is None and known >= layer.side:
         k = layer.side  # the whole spectrum, short of the target by rounding only
     if k is None and known >= _cap(layer, policy):

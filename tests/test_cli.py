@@ -153,10 +153,13 @@ def test_method_options(samples):
     assert result.exit_code == 0, result.output
     rows = {(r["name"], r["expert"]): r for r in json.loads(result.stdout)["rows"]}
     exact4 = rows[("exact_rank4.weight", None)]
-    assert (exact4["method"], exact4["k"], exact4["k95"], exact4["k99"]) == ("randomized", 3, 3, None)
+    # Three values and the residual prove the rank-4 matrix's k99 is 4 (lowrank_audit.bounds).
+    assert (exact4["method"], exact4["k"], exact4["k95"], exact4["k99"]) == ("randomized", 3, 3, 4)
     assert exact4["effective_rank"] is None  # needs the whole spectrum
+    conv = rows[("conv.weight", None)]
+    assert conv["k95"] is None and conv["k95_lo"] < conv["k95_hi"]
     table = invoke("spectrum", samples / "synthetic.safetensors", "--method", "randomized", "--rank-cap", "3")
-    assert "5 matrices: 95 % of the energy not reached within --rank-cap" in table.stdout
+    assert "energy ranks not certified within 1 %" in table.stdout
     assert_one_line_error(invoke("spectrum", samples / "base.safetensors", "--method", "svd"), "method must be one of")
     assert_one_line_error(
         invoke("spectrum", samples / "base.safetensors", "--method", "exact", "--rank-cap", "4"), "rank-cap"

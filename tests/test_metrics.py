@@ -159,9 +159,12 @@ def test_matrix_metrics_full_and_truncated():
     assert full["nuclear_norm"] == 15.0 and full["spectral_norm"] == 8.0
     assert full["condition_number"] == 8.0 and (full["k90"], full["k95"], full["k99"]) == (2, 3, 4)
     assert full["k95_ratio"] == 0.75
+    assert (full["k90_lo"], full["k90_hi"]) == (2, 2)
     top = metrics.matrix_metrics(s[:2], 4, 6, eps=EPS32, energy=85.0)
-    assert top["frobenius_norm"] == pytest.approx(math.sqrt(85)) and top["k90"] == 2
-    for key in ("nuclear_norm", "effective_rank", "numerical_rank", "signal_rank", "condition_number", "k95", "k99"):
+    assert top["frobenius_norm"] == pytest.approx(math.sqrt(85))
+    # Of a truncated spectrum, ranks come only from lowrank_audit.bounds (tests/test_bounds.py).
+    for key in ("nuclear_norm", "effective_rank", "numerical_rank", "signal_rank", "condition_number", "k90", "k95",
+                "k99", "k90_lo", "k99_hi", "noise_sigma"):  # fmt: skip
         assert top[key] is None, key
     with pytest.raises(ValueError, match="energy"):
         metrics.matrix_metrics(s[:2], 4, 6, eps=EPS32)

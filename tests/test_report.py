@@ -16,13 +16,14 @@ from lowrank_audit.formats.report import COLUMNS, build_frame, read_report, writ
 from lowrank_audit.io.outputs import check_target
 
 PINNED = {
-    "name": "string", "module": "string", "layer": "int64", "role": "string", "kind": "string",
-    "expert": "int64", "shape": "list<item: int64>", "rows": "int64", "cols": "int64", "dtype": "string",
-    "numel": "int64", "frobenius_norm": "double", "spectral_norm": "double", "nuclear_norm": "double",
-    "stable_rank": "double", "effective_rank": "double", "numerical_rank": "int64", "k90": "int64",
-    "k95": "int64", "k99": "int64", "k95_ratio": "double", "signal_rank": "int64",
-    "condition_number": "double", "nonfinite": "int64", "method": "string", "k": "int64",
-    "singular_values": "list<item: double>",
+    "name": "string", "module": "string", "layer": "int64", "role": "string", "kind": "string", "expert": "int64",
+    "shape": "list<item: int64>", "rows": "int64", "cols": "int64", "dtype": "string", "numel": "int64",
+    "frobenius_norm": "double", "spectral_norm": "double", "nuclear_norm": "double", "stable_rank": "double",
+    "effective_rank": "double", "numerical_rank": "int64", "k90": "int64", "k95": "int64", "k99": "int64",
+    "k90_lo": "int64", "k90_hi": "int64", "k95_lo": "int64", "k95_hi": "int64", "k99_lo": "int64",
+    "k99_hi": "int64", "k95_ratio": "double", "signal_rank": "int64", "noise_sigma": "double",
+    "noise_share": "double", "precision_floor": "double", "condition_number": "double", "nonfinite": "int64",
+    "method": "string", "k": "int64", "singular_values": "list<item: double>",
 }  # fmt: skip
 
 
@@ -103,3 +104,19 @@ def test_output_may_not_be_an_input(tmp_path, samples):
     with pytest.raises(OptionError, match="is a folder"):
         check_target(tmp_path, [samples / "base.safetensors"])
     check_target(tmp_path / "r.parquet", [samples / "base.safetensors"])  # fine
+
+
+def test_a_report_of_an_earlier_version_reads_with_the_new_columns_null(tmp_path):
+    frame = build_frame([_row(k90_lo=1, noise_sigma=0.5)], {"tool_version": "0.x"})
+    path = write_report(frame, tmp_path / "new.parquet")
+    table = pq.read_table(path)
+    older = table.drop_columns(["k90_lo", "noise_sigma", "precision_floor"])
+    pq.write_table(older, tmp_path / "old.parquet")
+    back = read_report(tmp_path / "old.parquet")
+    assert list(back.columns) == [name for name, _, _ in COLUMNS]
+    assert back["k90_lo"].isna().all() and back["noise_sigma"].isna().all() and back["k95"][0] == 2
+    # Negative control: a column out of order is not an older report, it is another file.
+    reordered = table.select(["module", "name", *table.schema.names[2:]])
+    pq.write_table(reordered, tmp_path / "other.parquet")
+    with pytest.raises(CheckpointError, match="not a lowrank-audit report"):
+        read_report(tmp_path / "other.parquet")

@@ -110,10 +110,12 @@ class WhitenedSource:
         self.inner, self.whitened = inner, dict(whitened)
         self.specs, self.path, self.gram = inner.specs, inner.path, False
 
-    def read(self, spec: MatrixSpec, out: torch.Tensor) -> None:
-        self.inner.read(spec, out)
+    def read(self, spec: MatrixSpec, out: torch.Tensor) -> list[float]:
+        floors = self.inner.read(spec, out)
         if spec.name in self.whitened:
             out[0].copy_(out[0].double() @ self.whitened[spec.name].factor)
+            floors = [0.0]  # the floor of W S is not the floor of W; not modelled
+        return floors
 
     def stored_bytes(self, spec: MatrixSpec) -> int:
         return self.inner.stored_bytes(spec)

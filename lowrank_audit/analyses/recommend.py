@@ -43,9 +43,10 @@ def layers_from_report(report: pd.DataFrame) -> list[LayerSpectrum]:
     if rows.empty:
         raise OptionError("the report holds no finite 2-D matrix to recommend a rank for")
     energies = rows["frobenius_norm"].astype(float) ** 2
+    floors = rows["precision_floor"].astype(float).fillna(0.0) * energies  # null in reports of earlier versions
     return [
-        LayerSpectrum(r["name"], int(r["rows"]), int(r["cols"]), np.asarray(r["singular_values"], float), e)
-        for r, e in zip(rows.to_dict("records"), energies, strict=True)
+        LayerSpectrum(r["name"], int(r["rows"]), int(r["cols"]), np.asarray(r["singular_values"], float), e, f)
+        for r, e, f in zip(rows.to_dict("records"), energies, floors, strict=True)
     ]
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from lowrank_audit.bounds import tail_metrics
 from lowrank_audit.engine.batches import ProgressCallback
 from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
 from lowrank_audit.engine.decompose import MatrixResult, spectra
@@ -46,6 +47,9 @@ def report_row(result: MatrixResult, eps: float) -> dict[str, Any]:
     }
     if s is not None:
         row |= matrix_metrics(s, rows, cols, eps=eps, energy=result.energy)
+        row["precision_floor"] = result.floor / result.energy if result.energy > 0 else None
+    if result.tail is not None:
+        row |= tail_metrics(result.tail, energy=result.energy, floor=result.floor, rows=rows, cols=cols, eps=eps)
     return row
 
 

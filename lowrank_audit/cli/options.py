@@ -143,6 +143,16 @@ AvgRankOpt = Annotated[
 ]
 MinRankOpt = Annotated[int, typer.Option(help="No layer below this rank.", rich_help_panel="Ranks", metavar="R")]
 MaxRankOpt = Annotated[int | None, typer.Option(help="No layer above this rank.", rich_help_panel="Ranks", metavar="R")]
+CountFloorOpt = Annotated[
+    bool,
+    _flag(
+        "--count-floor",
+        help="Count the precision floor (the energy that rounding to the stored dtype puts into an update) as "
+        "energy to keep. By default --energy applies to the energy above it, so rounding noise of an fp16/bf16 "
+        "update does not inflate ranks.",
+        panel="Ranks",
+    ),
+]
 RoundToOpt = Annotated[
     int,
     typer.Option(
@@ -198,11 +208,12 @@ def _engine(method: MethodOpt = DEFAULT_METHOD, device: DeviceOpt = "auto", dtyp
 
 def _ranks(energy: EnergyOpt = None, rank: RankOpt = None, budget_params: BudgetOpt = None,
            avg_rank: AvgRankOpt = None, min_rank: MinRankOpt = 1, max_rank: MaxRankOpt = None,
-           round_to: RoundToOpt = 1) -> Any:  # fmt: skip
+           round_to: RoundToOpt = 1, count_floor: CountFloorOpt = False) -> Any:  # fmt: skip
     from lowrank_audit.ranks import RankPolicy
 
     return RankPolicy.create(energy=energy, rank=rank, budget_params=budget_params, avg_rank=avg_rank,
-                             min_rank=min_rank, max_rank=max_rank, round_to=round_to)  # fmt: skip
+                             min_rank=min_rank, max_rank=max_rank, round_to=round_to,
+                             above_floor=not count_floor)  # fmt: skip
 
 
 def _reporting(top: TopOpt = 20, as_json: JsonOpt = False, quiet: QuietOpt = False) -> Reporting:

@@ -40,8 +40,9 @@ TABLE = (
 )
 JSON_COLUMNS = (
     "name", "expert", "kind", "role", "layer", "rows", "cols", "dtype", "frobenius_norm", "spectral_norm",
-    "nuclear_norm", "stable_rank", "effective_rank", "numerical_rank", "k90", "k95", "k99", "k95_ratio",
-    "signal_rank", "condition_number", "nonfinite", "method", "k",
+    "nuclear_norm", "stable_rank", "effective_rank", "numerical_rank", "k90", "k95", "k99", "k90_lo", "k90_hi",
+    "k95_lo", "k95_hi", "k99_lo", "k99_hi", "k95_ratio", "signal_rank", "noise_sigma", "noise_share",
+    "precision_floor", "condition_number", "nonfinite", "method", "k",
 )  # fmt: skip
 
 
@@ -51,6 +52,9 @@ def summary_rows(frame: pd.DataFrame, top: int) -> list[dict]:
     for row in rows:
         row["label"] = row["module"] + ("" if missing(row["expert"]) else f"[{row['expert']}]")
         row["matrix"] = f"{row['rows']}×{row['cols']}"
+        for k in ("k90", "k95", "k99"):  # an uncertified rank shows the interval that holds it
+            if missing(row[k]) and not missing(row[f"{k}_lo"]):
+                row[k] = f"{row[f'{k}_lo']}–{row[f'{k}_hi']}"
     return rows
 
 
@@ -79,9 +83,10 @@ def render(frame: pd.DataFrame, reporting: Reporting, elapsed: float, out: Path 
     for row in frame[frame["nonfinite"] > 0].to_dict("records"):
         what = "rows" if row["kind"] == "activation" else "entries"
         line(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf {what}; not decomposed")
-    capped = int((frame["k95"].isna() & (frame["method"] == "randomized")).sum())
-    if capped:
-        line(f"{capped} matrices: 95 % of the energy not reached within --rank-cap; k95 left empty")
+    open_ranks = int((frame[["k90", "k95", "k99"]].isna().any(axis=1) & (frame["method"] == "randomized")).sum())
+    if open_ranks:
+        line(f"{plural(open_ranks, 'matrix', 'matrices')}: energy ranks not certified within 1 % (in the noise "
+             "floor, or past --rank-cap) are left empty; k90_lo..k99_hi bound them")  # fmt: skip
     tensors = frame["name"].nunique()
     text = f"Audited {plural(len(frame), 'matrix', 'matrices')} from {plural(tensors, 'tensor')}"
     text += f" on {meta['device']} in {elapsed:.2f} s"

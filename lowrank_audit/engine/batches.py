@@ -99,6 +99,7 @@ class Batch:
     stack: torch.Tensor | None  # (b, m, n) on the CPU (pinned for CUDA); None once consumed
     energies: list[float]
     nonfinite: list[int]
+    floors: list[float]  # precision floor of each matrix (MatrixSource.read)
 
     @staticmethod
     def expert(spec: MatrixSpec, j: int) -> int | None:
@@ -116,11 +117,12 @@ def load(batch_specs: list[MatrixSpec], source: MatrixSource, config: EngineConf
     dtype = torch.float64 if source.gram else config.dtype  # a Gram's small eigenvalues need float64
     stack = torch.empty(shape, dtype=dtype, pin_memory=config.device.type == "cuda")  # (b, m, n)
     row = 0
+    floors: list[float] = []
     for spec in batch_specs:
-        source.read(spec, stack[row : row + spec.count])
+        floors += source.read(spec, stack[row : row + spec.count])
         row += spec.count
     energies, nonfinite = gram_energies(stack) if source.gram else squared_norms(stack)
-    return Batch(batch_specs, identities, stack, energies, nonfinite)
+    return Batch(batch_specs, identities, stack, energies, nonfinite, floors)
 
 
 def overlaps(config: EngineConfig) -> bool:

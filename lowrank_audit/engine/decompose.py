@@ -18,6 +18,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from lowrank_audit.bounds import Tail, settled
 from lowrank_audit.engine.batches import Batch, ProgressCallback, stream
 from lowrank_audit.engine.config import EngineConfig
 from lowrank_audit.engine.exact import Triplets, exact_triplets, flip_signs, gram_triplets
@@ -38,6 +39,8 @@ class MatrixResult:
     energy: float  # ||W||_F^2 in float64 (NaN when non-finite)
     nonfinite: int
     method: str  # exact, randomized, or skipped
+    floor: float = 0.0  # precision floor: expected energy of storage rounding
+    tail: Tail | None = None  # what a randomized sketch proves about the values not computed
 
 
 def _seed(seed: int, spec: MatrixSpec, index: int) -> int:
@@ -53,7 +56,9 @@ def _decompose(
     stack = select_rows(batch.stack, rows).to(config.device, non_blocking=True)  # pinned source on CUDA
     if gram:
         return gram_triplets(stack, [min(batch.identities[i][0].shape) for i in rows])
-    rank_of = [partial(need, batch.identities[i][0], energy=batch.energies[i]) for i in rows]
+    specs = [batch.identities[i][0] for i in rows]
+    pairs = list(zip(specs, rows, strict=True))
+    rank_of = [partial(need, spec, energy=batch.energies[i], floor=batch.floors[i]) for spec, i in pairs]
     # rank_cap limits a spectrum; factors are asked for a rank and always get it.
     cap = None if vectors else config.rank_cap
     if config.exact_for(min(stack.shape[-2:])) and cap is None:
@@ -61,8 +66,17 @@ def _decompose(
     seeds = [_seed(config.seed, *batch.identities[i]) for i in rows]
     if vectors:
         return adaptive_svd(stack, rank_of, seeds=seeds, vectors=True, oversample=FACTOR_OVERSAMPLE)
-    # A report keeps the top BLOCK - p values at least, whatever the need.
-    return adaptive_svd(stack, rank_of, seeds=seeds, vectors=False, rank_cap=cap, min_width=BLOCK)
+    # A report's sketch grows until its energy ranks are certified or lie in the noise
+    # (lowrank_audit.bounds), and keeps the top BLOCK - p values at least.
+    energies = [batch.energies[i] for i in rows]
+    settle = [
+        partial(settled, energy=batch.energies[i], floor=batch.floors[i], rows=spec.rows, cols=spec.cols,
+                eps=config.eps)
+        for spec, i in pairs
+    ]  # fmt: skip
+    return adaptive_svd(
+        stack, rank_of, seeds=seeds, vectors=False, settle=settle, energies=energies, rank_cap=cap, min_width=BLOCK
+    )
 
 
 def spectra(
@@ -75,8 +89,10 @@ def spectra(
     """Singular values of every matrix of ``source``, batch by batch.
 
     Exact matrices get every value; randomized ones the top values, at least as many as
-    ``need`` asks (by default enough for the report's k99). Matrices with NaN or Inf
-    entries are counted and yielded without singular values; they do not stop the run.
+    ``need`` asks, and enough that each energy rank of the report is certified within
+    1 % or lies in the noise floor (:func:`lowrank_audit.bounds.settled`), with the
+    sketch's :class:`~lowrank_audit.bounds.Tail`. Matrices with NaN or Inf entries are
+    counted and yielded without singular values; they do not stop the run.
 
     Yields:
         One :class:`MatrixResult` per matrix (per expert for 3-D tensors), grouped by
@@ -85,11 +101,12 @@ def spectra(
     for batch in stream(source, config, progress=progress):
         finite = [i for i, n in enumerate(batch.nonfinite) if n == 0]
         found = _decompose(batch, finite, need, config, vectors=False, gram=source.gram) if finite else []
-        values = {i: (t.s.cpu().double().numpy(), t.method) for i, t in zip(finite, found, strict=True)}
+        values = {i: (t.s.cpu().double().numpy(), t.method, t.tail) for i, t in zip(finite, found, strict=True)}
         batch.stack = None  # free it before the reader fills the batch after next
         for row, (spec, j) in enumerate(batch.identities):
-            s, method = values.get(row, (None, "skipped"))
-            yield MatrixResult(spec, batch.expert(spec, j), s, batch.energies[row], batch.nonfinite[row], method)
+            s, method, tail = values.get(row, (None, "skipped", None))
+            yield MatrixResult(spec, batch.expert(spec, j), s, batch.energies[row], batch.nonfinite[row], method,
+                               batch.floors[row], tail)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lowrank_audit.bounds import Tail
+
 RankOf = Callable[[np.ndarray], int | None]  # one matrix's need, given its top values known (float64)
 
 
@@ -17,7 +19,8 @@ class Triplets:
 
     ``s`` holds every value computed with confidence (descending), at least ``rank`` of
     them; ``u`` (m, rank) and ``vh`` (rank, n) are the vectors of the first ``rank`` when
-    vectors were asked for, else None.
+    vectors were asked for, else None. ``tail`` is what a randomized sketch proves about
+    the values it did not compute (None when exact, or when not asked for).
     """
 
     s: torch.Tensor
@@ -25,6 +28,7 @@ class Triplets:
     u: torch.Tensor | None
     vh: torch.Tensor | None
     method: str  # exact or randomized
+    tail: Tail | None = None
 
 
 def singular_values(batch: torch.Tensor) -> torch.Tensor:

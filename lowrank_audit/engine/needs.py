@@ -19,16 +19,17 @@ from typing import Protocol
 import numpy as np
 
 from lowrank_audit.io.selection import MatrixSpec
-from lowrank_audit.metrics import ENERGY_TARGETS, energy_rank
+from lowrank_audit.metrics import energy_rank
 
 
 class Need(Protocol):
     """How many top singular triplets one matrix needs."""
 
-    def __call__(self, spec: MatrixSpec, s: np.ndarray, energy: float) -> int | None:
+    def __call__(self, spec: MatrixSpec, s: np.ndarray, energy: float, floor: float = 0.0) -> int | None:
         """The rank needed, given ``s``: the top singular values known so far (float64,
-        descending, possibly empty) and ``energy`` = ||W||_F^2; None while ``s`` does not
-        settle it. With the whole spectrum (``len(s) == min(rows, cols)``) it must answer."""
+        descending, possibly empty), ``energy`` = ||W||_F^2 and its precision ``floor``; None
+        while ``s`` does not settle it. With the whole spectrum (``len(s) == min(rows,
+        cols)``) it must answer."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class EnergyNeed:
 
     target: float
 
-    def __call__(self, spec: MatrixSpec, s: np.ndarray, energy: float) -> int | None:
+    def __call__(self, spec: MatrixSpec, s: np.ndarray, energy: float, floor: float = 0.0) -> int | None:
         side = min(spec.rows, spec.cols)
         if self.target >= 1 and energy > 0:
             return side
@@ -51,12 +52,13 @@ class RankNeed:
 
     rank: int | Mapping[str, int]
 
-    def __call__(self, spec: MatrixSpec, s: np.ndarray, energy: float) -> int:
+    def __call__(self, spec: MatrixSpec, s: np.ndarray, energy: float, floor: float = 0.0) -> int:
         rank = self.rank if isinstance(self.rank, int) else self.rank[spec.name]
         return min(rank, spec.rows, spec.cols)
 
 
-# What a spectrum report needs: enough values for its largest energy rank (k99).
-REPORT_NEED = EnergyNeed(max(ENERGY_TARGETS))
+# What a spectrum report needs beyond its own test (lowrank_audit.bounds.settled, which the
+# engine applies to every report): nothing.
+REPORT_NEED = RankNeed(0)
 
 __all__ = ["REPORT_NEED", "EnergyNeed", "Need", "RankNeed"]

@@ -13,13 +13,17 @@ factors). Once the sketch would pass a quarter of min(m, n) the rest are decompo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from lowrank_audit.bounds import UNKNOWN, Tail, rounding_slack, spectral_bound_factor
 from lowrank_audit.engine.exact import RankOf, Triplets, exact_triplets
+
+Settle = Callable[[Tail], bool]  # whether what a sketch proves about a matrix is enough
 
 # Halko et al. 2011, section 4.2: oversampling p = 10 makes the top-k subspace reliable.
 OVERSAMPLE = 10
@@ -101,6 +105,8 @@ def adaptive_svd(
     *,
     seeds: Sequence[int],
     vectors: bool,
+    settle: Sequence[Settle] | None = None,
+    energies: Sequence[float] = (),
     rank_cap: int | None = None,
     min_width: int = 0,
     oversample: int = OVERSAMPLE,
@@ -114,17 +120,22 @@ def adaptive_svd(
     then sets the width of the first block (rank + ``oversample``). Otherwise the sketch
     grows by ``BLOCK`` columns a round, never recomputing what it has (randQB_EI, Yu, Gu &
     Li 2018), and a matrix is done once its need is met by the top ``width - oversample``
-    values. Those values never exceed the true ones (Cauchy interlacing), so an energy
-    rank read from them is never below the exact one. A matrix whose sketch would pass
-    ``exact_fraction * min(m, n)`` is decomposed exactly instead, unless ``rank_cap`` is
-    given: then its top ``rank_cap`` values are returned whether or not they meet the need.
-    Exact matrices get every value.
+    values and, with ``settle``, once ``settle[i]`` accepts what the sketch proves about the
+    rest of its spectrum (a :class:`~lowrank_audit.bounds.Tail`; its coupling is computed,
+    with one more pass over the matrix, only when the tail would pass without it). The
+    values never exceed the true ones (Cauchy interlacing), so an energy rank read from
+    them is never below the exact one. A matrix whose sketch would pass ``exact_fraction *
+    min(m, n)`` is decomposed exactly instead, unless ``rank_cap`` is given: then its top
+    ``rank_cap`` values are returned whether or not they meet the need. Exact matrices get
+    every value.
 
     Args:
         batch: Matrices of shape (b, m, n), float32 or float64, on any device.
         rank_of: One need per matrix.
         seeds: One seed per matrix; its Gaussian test matrices depend only on the seed.
         vectors: Return ``U`` and ``Vh`` of the rank needed (else values only).
+        settle: Values only: one acceptance test per matrix of its sketch's tail.
+        energies: ||W||_F² of each matrix (required with ``settle``).
         rank_cap: Compute at most this many values per matrix (values only).
         min_width: Sketch at least this many columns (a spectrum report keeps
             ``min_width - oversample`` values even of a matrix that needs none).
@@ -133,12 +144,14 @@ def adaptive_svd(
         exact_fraction: The widest sketch, as a share of min(m, n), before the exact path.
 
     Returns:
-        One :class:`Triplets` per matrix, in order.
+        One :class:`Triplets` per matrix, in order; randomized ones carry their ``tail``
+        when ``settle`` was given.
     """
     side = min(batch.shape[-2:])
     cap = min(rank_cap, side) if rank_cap is not None else None
     limit = min(cap + oversample, side) if cap is not None else int(exact_fraction * side)
     known = [need(np.empty(0)) for need in rank_of]
+    rho = [math.inf] * len(batch)
     out: dict[int, Triplets] = {}
     exact = [i for i, k in enumerate(known) if k is not None and k + oversample > limit and cap is None]
     pending = [i for i in range(len(batch)) if i not in exact]
@@ -146,24 +159,31 @@ def adaptive_svd(
     sketch = _Sketch.empty(active, [seeds[i] for i in pending])
     while pending and sketch.width < limit:
         wanted = max((known[i] + oversample for i in pending if known[i] is not None), default=0)
-        unknown = any(known[i] is None for i in pending)
-        step = max(wanted - sketch.width, BLOCK if unknown else 1, min_width - sketch.width)
-        sketch = _grow(active, sketch, min(step, limit - sketch.width), power_iterations)
+        growing = settle is not None or any(known[i] is None for i in pending)
+        step = max(wanted - sketch.width, BLOCK if growing else 1, min_width - sketch.width)
+        block = min(step, limit - sketch.width)
+        sketch = _grow(active, sketch, block, power_iterations)
         s, u_b, vh_b = _small_svd(sketch.b, vectors)
         # A sketch as wide as the smaller side spans the whole range: every value is exact.
         certain = sketch.width if sketch.width == side else sketch.width - oversample
         last = sketch.width == limit
+        if settle is not None:
+            energy = [energies[i] for i in pending]
+            tails = _tails(active, sketch, s, certain, block, energy, rho, pending, power_iterations)
+            tails = _settled(active, sketch, tails, [settle[i] for i in pending], side)
         for row, i in enumerate(pending):
             values = s[row, :certain]
             known[i] = rank_of[i](values.double().cpu().numpy())
-            if known[i] is not None and known[i] <= certain:
+            met = known[i] is not None and known[i] <= certain and (settle is None or tails[row].settled)
+            if met:
                 rank = known[i]
             elif last and cap is not None:
                 values, rank = values[:cap], min(cap, certain)
             else:
                 continue
             u = sketch.q[row] @ u_b[row, :, :rank] if vectors else None  # (m, rank)
-            out[i] = Triplets(values, rank, u, vh_b[row, :rank] if vectors else None, "randomized")
+            tail = tails[row].tail if settle is not None else None
+            out[i] = Triplets(values, rank, u, vh_b[row, :rank] if vectors else None, "randomized", tail)
         keep = [row for row, i in enumerate(pending) if i not in out]
         pending = [pending[row] for row in keep]
         active, sketch = select_rows(active, keep), sketch.rows(keep)
@@ -173,6 +193,60 @@ def adaptive_svd(
         found = exact_triplets(select_rows(batch, rows), [rank_of[i] for i in rows], vectors=vectors)
         out |= dict(zip(rows, found, strict=True))
     return [out[i] for i in range(len(batch))]
+
+
+@dataclass
+class _Checked:
+    tail: Tail
+    settled: bool = False
+
+
+def _tails(
+    active: torch.Tensor,
+    sketch: _Sketch,
+    s: torch.Tensor,
+    certain: int,
+    block: int,
+    energies: Sequence[float],
+    rho: list[float],
+    pending: list[int],
+    power_iterations: int,
+) -> list[_Checked]:
+    """Each matrix's :class:`~lowrank_audit.bounds.Tail` after a round (coupling not yet known).
+
+    The newest block was drawn against the residual before it, so its top value² times
+    :func:`~lowrank_audit.bounds.spectral_bound_factor` bounds that residual's norm², and
+    so the smaller one after it; ``rho`` keeps each matrix's least bound so far.
+    """
+    newest = torch.linalg.matrix_norm(sketch.b[:, -block:, :], ord=2).double().cpu().numpy()
+    factor = spectral_bound_factor(active.shape[-1], block, 2 * power_iterations + 2)
+    values = s.double().cpu().numpy()
+    out = []
+    for row, i in enumerate(pending):
+        slack = rounding_slack(energies[row], min(active.shape[-2:]))
+        rho[i] = min(rho[i], float(newest[row]) ** 2 * factor + slack)
+        residual = max(energies[row] - float(np.sum(np.square(values[row]))), 0.0) + slack
+        out.append(_Checked(Tail(values[row], certain, residual, rho[i], UNKNOWN)))
+    return out
+
+
+def _settled(
+    active: torch.Tensor, sketch: _Sketch, tails: list[_Checked], settle: Sequence[Settle], side: int
+) -> list[_Checked]:
+    """Which tails pass their test; the coupling pass runs only for those that would pass without it."""
+    hopeful = [row for row, t in enumerate(tails) if settle[row](replace(t.tail, coupling=0.0))]
+    if hopeful:
+        w, q, b = select_rows(active, hopeful), select_rows(sketch.q, hopeful), select_rows(sketch.b, hopeful)
+        z = w @ b.mT - q @ (b @ b.mT)  # (I - QQᵀ) W Bᵀ, (h, m, l)
+        coupling = torch.linalg.matrix_norm(z, ord=2).double().cpu().numpy()
+        norms = torch.linalg.matrix_norm(b).double().cpu().numpy()  # ||B||_F
+        for j, row in enumerate(hopeful):
+            # Rounding of the two products: 8 sqrt(n) eps ||W||_F ||B||_F.
+            energy = tails[row].tail.residual + float(norms[j]) ** 2
+            y = float(coupling[j]) + rounding_slack(math.sqrt(energy) * float(norms[j]), side)
+            tails[row].tail = replace(tails[row].tail, coupling=y)
+            tails[row].settled = settle[row](tails[row].tail)
+    return tails
 
 
 def select_rows(batch: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -32,8 +32,11 @@ class MatrixSource(Protocol):
     path: Path  # named in errors about a matrix
     gram: bool
 
-    def read(self, spec: MatrixSpec, out: torch.Tensor) -> None:
-        """Fill ``out`` (count, rows, cols), already in the compute dtype, with the matrices of ``spec``."""
+    def read(self, spec: MatrixSpec, out: torch.Tensor) -> list[float]:
+        """Fill ``out`` (count, rows, cols), already in the compute dtype, with the matrices of ``spec``.
+
+        Returns each matrix's precision floor: the expected energy that rounding to the
+        stored dtype put into it (0 where none is known)."""
 
     def stored_bytes(self, spec: MatrixSpec) -> int:
         """Bytes read from storage for ``spec`` (progress counts these)."""
@@ -50,8 +53,8 @@ class CheckpointSource:
         self.path = ckpt.path
         self.gram = False
 
-    def read(self, spec: MatrixSpec, out: torch.Tensor) -> None:
-        read_matrices(spec, self.ckpt, self.base, out)
+    def read(self, spec: MatrixSpec, out: torch.Tensor) -> list[float]:
+        return read_matrices(spec, self.ckpt, self.base, out)
 
     def stored_bytes(self, spec: MatrixSpec) -> int:
         itemsize = torch.empty(0, dtype=getattr(torch, spec.dtype)).element_size()
@@ -73,11 +76,12 @@ class GramSource:
         self.moments, self.center, self.path, self.gram = dict(moments), center, path, True
         self.specs = tuple(_activation_spec(m) for m in self.moments.values())
 
-    def read(self, spec: MatrixSpec, out: torch.Tensor) -> None:
+    def read(self, spec: MatrixSpec, out: torch.Tensor) -> list[float]:
         moments = self.moments[spec.name]
         # Rows with NaN/Inf were left out of the sums; the module is not decomposed (as a
         # matrix with NaN is not), and the analysis reports how many rows they were.
         out[0].copy_(moments.gram(center=self.center) if not moments.nonfinite else torch.nan)
+        return [0.0]  # float64 sums of float32 activations: no floor that matters
 
     def stored_bytes(self, spec: MatrixSpec) -> int:
         return spec.rows * spec.cols * 8

@@ -40,11 +40,39 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("stable_rank", pa.float64(), "||W||_F^2 / ||W||_2^2"),
     ("effective_rank", pa.float64(), "entropy effective rank (Roy & Vetterli)"),
     ("numerical_rank", pa.int64(), "singular values above s1 * max(rows, cols) * eps(compute dtype)"),
-    ("k90", pa.int64(), "smallest k keeping 90 % of the energy sum(s^2)"),
-    ("k95", pa.int64(), "smallest k keeping 95 % of the energy"),
-    ("k99", pa.int64(), "smallest k keeping 99 % of the energy"),
+    (
+        "k90",
+        pa.int64(),
+        "smallest k keeping 90 % of the energy sum(s^2); on truncated rows certified (never below "
+        "the exact rank, at most 1 % above) or null",
+    ),
+    ("k95", pa.int64(), "smallest k keeping 95 % of the energy (as k90)"),
+    ("k99", pa.int64(), "smallest k keeping 99 % of the energy (as k90)"),
+    ("k90_lo", pa.int64(), "lower end of an interval that holds the exact k90 (equal to k90 on exact rows)"),
+    ("k90_hi", pa.int64(), "upper end of that interval"),
+    ("k95_lo", pa.int64(), "lower end of an interval that holds the exact k95"),
+    ("k95_hi", pa.int64(), "upper end of that interval"),
+    ("k99_lo", pa.int64(), "lower end of an interval that holds the exact k99"),
+    ("k99_hi", pa.int64(), "upper end of that interval"),
     ("k95_ratio", pa.float64(), "k95 / min(rows, cols)"),
-    ("signal_rank", pa.int64(), "singular values above the Gavish-Donoho optimal hard threshold"),
+    (
+        "signal_rank",
+        pa.int64(),
+        "singular values above the Gavish-Donoho optimal hard threshold (null on truncated "
+        "rows whose sketch stopped above the noise)",
+    ),
+    (
+        "noise_sigma",
+        pa.float64(),
+        "estimated noise level per entry (Gavish-Donoho median rule; on truncated rows "
+        "from the residual energy and the Marchenko-Pastur law)",
+    ),
+    ("noise_share", pa.float64(), "share of ||W||_F^2 in the noise floor: noise_sigma^2 * rows * cols / ||W||_F^2"),
+    (
+        "precision_floor",
+        pa.float64(),
+        "share of ||W||_F^2 that rounding to the stored dtype puts in (both tensors of a delta)",
+    ),
     ("condition_number", pa.float64(), "s1 / s_min (inf when s_min is 0)"),
     ("nonfinite", pa.int64(), "NaN or Inf entries (for activations: rows); such matrices are not decomposed"),
     ("method", pa.string(), "exact, randomized (top k only), or skipped (non-finite entries)"),
@@ -115,9 +143,14 @@ def read_report(path: str | Path, *, schema: pa.Schema = SCHEMA) -> pd.DataFrame
     except (OSError, pa.ArrowException) as exc:
         raise CheckpointError(f"{path}: cannot read Parquet report: {exc}") from exc
     raw = (table.schema.metadata or {}).get(METADATA_KEY.encode())
-    if raw is None or table.schema.names != schema.names:
+    names = table.schema.names
+    # A report of an earlier version lacks the columns added since (in schema order); they read as null.
+    if raw is None or [name for name in schema.names if name in names] != names:
         raise CheckpointError(f"{path}: not a lowrank-audit report of this kind (columns or metadata missing)")
-    return _to_frame(table.cast(schema), json.loads(raw))
+    for name in schema.names:
+        if name not in names:
+            table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+    return _to_frame(table.select(schema.names).cast(schema), json.loads(raw))
 
 
 __all__ = [
