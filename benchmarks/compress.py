@@ -1,10 +1,11 @@
 """``compress --base`` at a fixed rank or an energy target, against a per-matrix ``svd`` loop.
 
 Writes a LLaMA-shaped base and fine-tune pair in fp16 (default: 4 layers, hidden 2048, MLP
-5504, no embeddings: 202M parameters per checkpoint), whose updates arise the way real
-ones do: a low-rank update with a decaying spectrum, plus a small full-rank noise, added to
-the base in float32 and stored in fp16, so rounding adds its own noise floor. Then, in this
-process, after imports:
+5504, no embeddings: 202M parameters per checkpoint) with ``benchmarks/finetunes.py``,
+whose updates arise the way real ones do: a low-rank update with a decaying spectrum, plus
+a small full-rank noise, scaled to an RMS of ``--delta-rms``, added to the stored base in
+float32 and stored in fp16, so rounding adds its own noise floor. Then, in this process,
+after imports:
 
 - the baseline, mergekit's ``extract-lora`` way: for every 2-D tensor,
   ``torch.linalg.svd((ft - base).float(), full_matrices=False)``, then the top-R factors in
@@ -35,50 +36,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from finetunes import finetune_pair, llama_shapes, save_pair
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 PREFIX = "base_model.model."
 
 
-def roles(hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
-    """LLaMA's seven projections per layer, as (out, in) weight shapes."""
-    attn = {f"self_attn.{p}": (hidden, hidden) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    mlp = {"mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden)}
-    return attn | mlp | {"mlp.down_proj": (hidden, intermediate)}
-
-
-def update(rows: int, cols: int, args: argparse.Namespace, gen: torch.Generator) -> torch.Tensor:
-    """A fine-tune's update: ``rank`` components with singular values near ``i**-alpha``,
-    plus Gaussian noise holding ``noise_share`` of the energy, scaled to RMS ``delta_rms``."""
-    a = torch.randn(rows, args.update_rank, generator=gen) / rows**0.5
-    b = torch.randn(cols, args.update_rank, generator=gen) / cols**0.5
-    s = torch.arange(1, args.update_rank + 1, dtype=torch.float32) ** -args.alpha
-    delta = (a * s) @ b.T  # (rows, cols)
-    noise = torch.randn(rows, cols, generator=gen)
-    noise *= (args.noise_share / (1 - args.noise_share) * delta.square().sum() / noise.square().sum()) ** 0.5
-    delta += noise
-    return delta * (args.delta_rms / delta.square().mean().sqrt())
-
-
 def write_pair(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """``base.safetensors`` and ``finetuned.safetensors``, fp16, seeded."""
-    folder.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    base: dict[str, torch.Tensor] = {}
-    ft: dict[str, torch.Tensor] = {}
-    for layer in range(args.layers):
-        prefix = f"model.layers.{layer}."
-        for role, (rows, cols) in roles(args.hidden, args.intermediate).items():
-            w = 0.02 * torch.randn(rows, cols, generator=gen)
-            base[prefix + role + ".weight"] = w.half()
-            ft[prefix + role + ".weight"] = (w.half().float() + update(rows, cols, args, gen)).half()
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            base[prefix + norm + ".weight"] = torch.ones(args.hidden, dtype=torch.float16)
-            ft[prefix + norm + ".weight"] = (1 + 0.01 * torch.randn(args.hidden, generator=gen)).half()
-    save_file(base, folder / "base.safetensors")
-    save_file(ft, folder / "finetuned.safetensors")
-    return folder / "base.safetensors", folder / "finetuned.safetensors"
+    """``base.safetensors`` and ``finetuned.safetensors``, fp16, seeded: each update scaled
+    to RMS ``--delta-rms`` and added to the stored base (:func:`finetunes.finetune_pair`)."""
+    pair = finetune_pair(
+        llama_shapes(args.hidden, args.intermediate),
+        args.layers,
+        update_rank=args.update_rank,
+        alpha=args.alpha,
+        noise_share=args.noise_share,
+        delta_rms=args.delta_rms,
+        from_stored_base=True,
+        norms=args.hidden,
+    )
+    return save_pair(pair, folder)
 
 
 def svd_loop(base: Path, ft: Path, ranks: list[int], out: Path) -> tuple[float, dict[int, float], dict]:
@@ -176,7 +154,7 @@ def main() -> None:
         folder = args.keep or Path(tmp) / "pair"
         start = time.perf_counter()
         base, ft = write_pair(folder, args)
-        params = sum(np.prod(s) for s in roles(args.hidden, args.intermediate).values()) * args.layers
+        params = sum(np.prod(s) for s in llama_shapes(args.hidden, args.intermediate).values()) * args.layers
         print(
             f"pair: {params / 1e6:.0f}M matrix parameters per checkpoint, fp16, {ft.stat().st_size / 2**20:.0f} MiB"
             f" each, written in {time.perf_counter() - start:.0f} s; torch threads {torch.get_num_threads()}"
