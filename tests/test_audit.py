@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +15,8 @@ import lowrank_audit
 from lowrank_audit import metrics
 from lowrank_audit.errors import UnpairedTensorsWarning
 from lowrank_audit.formats.report import write_report
+from lowrank_audit.io.checkpoint import open_checkpoint
+from lowrank_audit.io.provenance import checkpoint_inputs, hashing_inputs
 from tests.conftest import assert_singular_values_close, reference_energy_rank, reference_singular_values
 
 TARGETS = {"k90": 0.90, "k95": 0.95, "k99": 0.99}
@@ -141,3 +146,19 @@ def test_provenance(samples, delta_report):
     files = meta["inputs"]["checkpoint"]["files"]
     assert files[0]["size"] == (samples / "finetuned.safetensors").stat().st_size and len(files[0]["sha256"]) == 64
     assert meta["inputs"]["base"]["path"].endswith("base.safetensors")
+
+
+def test_inputs_hashed_in_the_background_are_the_inputs_hashed_in_turn(samples):
+    with open_checkpoint(samples / "finetuned-sharded") as ckpt, open_checkpoint(samples / "base.safetensors") as base:
+        with hashing_inputs(ckpt, base) as digests:
+            background = digests()
+        assert background == checkpoint_inputs(ckpt, base)
+    digest = background["base"]["files"][0]
+    assert digest["sha256"] == hashlib.sha256((samples / "base.safetensors").read_bytes()).hexdigest()
+
+
+def test_background_hashing_stops_when_the_audit_fails(samples):
+    ckpt = open_checkpoint(samples / "finetuned.safetensors")
+    with ckpt, pytest.raises(ZeroDivisionError), hashing_inputs(ckpt):
+        1 / 0  # noqa: B018 - an error in the engine, before the digests are asked for
+    assert not [t for t in threading.enumerate() if t.name.startswith("lowrank-audit-hash")]

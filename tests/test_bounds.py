@@ -34,7 +34,7 @@ def with_values(rows: int, cols: int, s: torch.Tensor, gen: torch.Generator) -> 
     return (orthonormal(rows, k, gen) * s) @ orthonormal(cols, k, gen).T
 
 
-def low_rank_plus_noise(rows, cols, rank, noise_share, *, half, seed=0):
+def low_rank_plus_noise(rows, cols, rank, noise_share, *, half, seed=0, rms=3e-4):
     """A decaying rank-``rank`` update plus Gaussian noise holding ``noise_share`` of its energy,
     as float32; with ``half`` the difference of a float32 base and base + update, both stored
     in fp16 (so the rounding floor is in it too). Returns (matrix, precision floor energy)."""
@@ -47,7 +47,7 @@ def low_rank_plus_noise(rows, cols, rank, noise_share, *, half, seed=0):
     if not half:
         return w.float(), 0.0
     base = 0.02 * torch.randn(rows, cols, generator=gen)
-    update = (w * (3e-4 / w.square().mean().sqrt())).float()
+    update = (w * (rms / w.square().mean().sqrt())).float()
     stored_base, stored_ft = base.half(), (base + update).half()
     floor = rounding_energy(stored_base[None])[0] + rounding_energy(stored_ft[None])[0]
     return stored_ft.float() - stored_base.float(), floor
@@ -221,3 +221,19 @@ def test_truncated_signal_rank_agrees_with_gavish_donoho():
             assert abs(figures["signal_rank"] - exact) <= max(2, 0.05 * exact), (shape, rank, noise)
             compared += 1
     assert compared >= 8
+
+
+def test_the_sketch_stops_where_the_rest_is_rounding_noise():
+    """An fp16 update whose rounding holds about 2 % of its energy: k99 asks for noise, so the
+    sketch stops once k90 and k95 are certified (two blocks) and k99 is null with an interval.
+    Negative control: told there is no floor, the same sketch grows on until it passes the
+    signal and the Marchenko-Pastur estimate finds the noise."""
+    w, floor = low_rank_plus_noise(1000, 800, 160, 0.0, half=True, rms=4.5e-5)
+    assert 0.01 < floor / float(w.double().square().sum()) < 0.03
+    t, figures = sketched(w, floor)
+    exact = exact_ranks(w)
+    assert check_guarantee(figures, exact) == 2 and figures["k99"] is None
+    assert t.tail.values.shape[0] == 2 * BLOCK
+    blind, blind_figures = sketched(w, 0.0)
+    check_guarantee(blind_figures, exact)
+    assert blind.tail.values.shape[0] >= 4 * BLOCK

@@ -134,6 +134,22 @@ def test_help_and_version_do_not_import_torch():
         assert proc.returncode == 0, proc.stderr
 
 
+def test_spectrum_table_and_json_import_neither_pandas_nor_pyarrow(samples):
+    """Only --out builds the report frame; the table and JSON render the rows without it."""
+    code = "\n".join([
+        "import sys",
+        "from lowrank_audit.cli import main",
+        "sys.argv = ['lowrank-audit', 'spectrum', *sys.argv[1:]]",
+        "try: main()",
+        "except SystemExit as exc: assert not exc.code, exc.code",
+        "assert not {'pandas', 'pyarrow'} & set(sys.modules), 'pandas or pyarrow imported'",
+    ])  # fmt: skip
+    for flags in ((), ("--json",), ("--quiet",)):
+        args = [sys.executable, "-c", code, str(samples / "synthetic.safetensors"), *flags]
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+
+
 def test_python_dash_m(samples):
     proc = subprocess.run([sys.executable, "-m", "lowrank_audit", "spectrum", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--base" in proc.stdout

@@ -11,19 +11,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from lowrank_audit.analyses.spectrum import report_row
+from lowrank_audit.analyses.spectrum import ReportRows, report_row
 from lowrank_audit.engine.batches import ProgressCallback
 from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
 from lowrank_audit.engine.decompose import spectra
 from lowrank_audit.engine.sources import GramSource
 from lowrank_audit.errors import NoMatricesSelected
-from lowrank_audit.formats.report import build_frame
 from lowrank_audit.io.activations import read_activations
 from lowrank_audit.io.provenance import file_digest, provenance
 from lowrank_audit.io.selection import wanted
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # σ from the eigenvalues of XᵀX in float64 are exact to about sqrt(eps64)·σ₁: the numerical
 # rank counts values above that, not above float64's own eps.
@@ -64,6 +65,29 @@ def activations(
         CheckpointError: A file is missing, unreadable or not activations (names file and module).
         NoMatricesSelected: No module is left after ``include``/``exclude``.
     """
+    from lowrank_audit.formats.report import build_frame
+
+    return build_frame(*activation_rows(
+        paths, center=center, include=include, exclude=exclude, device=device, dtype=dtype,
+        max_batch_mb=max_batch_mb, method=method, seed=seed, command=command, progress=progress,
+    ))  # fmt: skip
+
+
+def activation_rows(
+    paths: Sequence[str | Path],
+    *,
+    center: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str = "auto",
+    dtype: str = "float32",
+    max_batch_mb: float = DEFAULT_MAX_BATCH_MB,
+    method: str = DEFAULT_METHOD,
+    seed: int = 0,
+    command: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> ReportRows:
+    """:func:`activations` before its frame: the rows, sorted by module, and the provenance."""
     config = EngineConfig.create(device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, seed=seed)
     moments = {m: v for m, v in read_activations(paths).items() if wanted(m, include, exclude)}
     if not moments:
@@ -86,7 +110,7 @@ def activations(
         skipped={},
         unpaired={},
     )
-    return build_frame(rows, metadata)
+    return rows, metadata
 
 
-__all__ = ["GRAM_EPS", "activations"]
+__all__ = ["GRAM_EPS", "activation_rows", "activations"]

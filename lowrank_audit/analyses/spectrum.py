@@ -6,9 +6,7 @@ import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from lowrank_audit.bounds import tail_metrics
 from lowrank_audit.engine.batches import ProgressCallback
@@ -17,11 +15,17 @@ from lowrank_audit.engine.decompose import MatrixResult, spectra
 from lowrank_audit.engine.needs import REPORT_NEED, Need
 from lowrank_audit.engine.sources import CheckpointSource
 from lowrank_audit.errors import OptionError, UnpairedTensorsWarning
-from lowrank_audit.formats.report import build_frame, read_report
 from lowrank_audit.io.checkpoint import open_checkpoint
-from lowrank_audit.io.provenance import checkpoint_inputs, provenance
+from lowrank_audit.io.provenance import hashing_inputs, provenance
 from lowrank_audit.io.selection import Selection, select_matrices
 from lowrank_audit.metrics import matrix_metrics
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# A report before it is a frame: row dicts keyed by report column, and the provenance. The
+# CLI renders these as they are, so pandas and pyarrow load only to write or read a report.
+ReportRows = tuple[list[dict[str, Any]], dict[str, Any]]
 
 
 def report_row(result: MatrixResult, eps: float) -> dict[str, Any]:
@@ -53,15 +57,18 @@ def report_row(result: MatrixResult, eps: float) -> dict[str, Any]:
     return row
 
 
-def warn_unpaired(selection: Selection) -> None:
-    """One warning listing (the first five) names found on one side of a pair only."""
+def warn_unpaired(selection: Selection, stacklevel: int = 3) -> None:
+    """One warning listing (the first five) names found on one side of a pair only.
+
+    ``stacklevel`` is :func:`warnings.warn`'s: 3 names the line that called this function's caller.
+    """
     if selection.unpaired:
         listed = ", ".join(f"{n} ({why})" for n, why in list(selection.unpaired.items())[:5])
         more = f" and {len(selection.unpaired) - 5} more" if len(selection.unpaired) > 5 else ""
         warnings.warn(
             f"{len(selection.unpaired)} tensors not paired with base, skipped: {listed}{more}",
             UnpairedTensorsWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 
@@ -120,6 +127,31 @@ def spectrum(
         >>> df = spectrum("sample_checkpoints/finetuned.safetensors", base="sample_checkpoints/base.safetensors")
         >>> df.loc[df.role == "down_proj", ["name", "k95"]]  # doctest: +SKIP
     """
+    from lowrank_audit.formats.report import build_frame
+
+    return build_frame(*spectrum_rows(
+        path, base, include=include, exclude=exclude, device=device, dtype=dtype, max_batch_mb=max_batch_mb,
+        method=method, rank_cap=rank_cap, seed=seed, command=command, progress=progress, need=need,
+    ))  # fmt: skip
+
+
+def spectrum_rows(
+    path: str | Path,
+    base: str | Path | None = None,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str = "auto",
+    dtype: str = "float32",
+    max_batch_mb: float = DEFAULT_MAX_BATCH_MB,
+    method: str = DEFAULT_METHOD,
+    rank_cap: int | None = None,
+    seed: int = 0,
+    command: str | None = None,
+    progress: ProgressCallback | None = None,
+    need: Need = REPORT_NEED,
+) -> ReportRows:
+    """:func:`spectrum` before its frame: the rows, sorted by name and expert, and the provenance."""
     config = EngineConfig.create(
         device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, rank_cap=rank_cap, seed=seed
     )
@@ -127,11 +159,12 @@ def spectrum(
         ckpt = stack.enter_context(open_checkpoint(path))
         base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
         selection = select_matrices(ckpt, base=base_ckpt, include=include, exclude=exclude)
-        warn_unpaired(selection)
+        warn_unpaired(selection, stacklevel=4)  # at the line that called spectrum()
+        digests = stack.enter_context(hashing_inputs(ckpt, base_ckpt))  # SHA-256 overlaps the engine
         source = CheckpointSource(ckpt, selection.specs, base=base_ckpt)
         results = spectra(source, config, need=need, progress=progress)
         rows = sorted((report_row(r, config.eps) for r in results), key=lambda r: (r["name"], r["expert"] or 0))
-        inputs = checkpoint_inputs(ckpt, base_ckpt)
+        inputs = digests()
     metadata = provenance(
         command=command or f"lowrank_audit.spectrum({str(path)!r}, base={str(base) if base else None!r})",
         inputs=inputs,
@@ -148,7 +181,7 @@ def spectrum(
         skipped=selection.skipped,
         unpaired=selection.unpaired,
     )
-    return build_frame(rows, metadata)
+    return rows, metadata
 
 
 def load_spectrum(source: str | Path, base: str | Path | None = None, **options: Any) -> pd.DataFrame:
@@ -164,10 +197,12 @@ def load_spectrum(source: str | Path, base: str | Path | None = None, **options:
     """
     source = Path(source)
     if source.suffix == ".parquet":
+        from lowrank_audit.formats.report import read_report
+
         if base is not None:
             raise OptionError(f"{source} is a report: --base applies only when SOURCE is a checkpoint")
         return read_report(source)
     return spectrum(source, base, **options)
 
 
-__all__ = ["load_spectrum", "report_row", "spectrum", "warn_unpaired"]
+__all__ = ["ReportRows", "load_spectrum", "report_row", "spectrum", "spectrum_rows", "warn_unpaired"]

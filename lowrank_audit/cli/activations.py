@@ -12,8 +12,7 @@ from lowrank_audit.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, Reportin
 from lowrank_audit.cli.spectrum import report_command
 
 if TYPE_CHECKING:
-    import pandas as pd
-
+    from lowrank_audit.analyses.spectrum import ReportRows
     from lowrank_audit.engine.batches import ProgressCallback
 
 
@@ -53,10 +52,10 @@ def activations(
     Example: lowrank-audit activations sample_checkpoints/dropout/activations-dropout.safetensors --out acts.parquet
     """
     with user_errors():
-        from lowrank_audit.analyses.activations import activations as run_activations
+        from lowrank_audit.analyses.activations import activation_rows
 
-        def audit(progress: ProgressCallback | None) -> pd.DataFrame:
-            return run_activations(
+        def audit(progress: ProgressCallback | None) -> ReportRows:
+            return activation_rows(
                 files, center=center, include=include or (), exclude=exclude or (), command=command_line(),
                 progress=progress, **engine,
             )  # fmt: skip

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from numbers import Real
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -40,9 +42,13 @@ Columns = Sequence[tuple[str, str, str]]
 
 
 def missing(value: Any) -> bool:
-    import pandas as pd
-
-    return value is None or bool(pd.isna(value))
+    """None, NaN, or pandas' NA/NaT; a value can be pandas' only once pandas is loaded, so
+    rows rendered without a frame never import it."""
+    if value is None:
+        return True
+    if "pandas" in sys.modules:
+        return bool(sys.modules["pandas"].isna(value))
+    return isinstance(value, Real) and math.isnan(value)
 
 
 def fmt(value: Any, pattern: str) -> str:

@@ -18,12 +18,11 @@ from lowrank_audit.cli.options import (
     base_option,
     path_option,
 )
-from lowrank_audit.cli.render import frame_rows, line, missing, out_console, print_json, progress_bar, table
+from lowrank_audit.cli.render import json_value, line, missing, out_console, print_json, progress_bar, table
 from lowrank_audit.wording import plural
 
 if TYPE_CHECKING:
-    import pandas as pd
-
+    from lowrank_audit.analyses.spectrum import ReportRows
     from lowrank_audit.engine.batches import ProgressCallback
 
 # The summary table after the module name: (report column, heading, format).
@@ -46,49 +45,55 @@ JSON_COLUMNS = (
 )  # fmt: skip
 
 
-def summary_rows(frame: pd.DataFrame, top: int) -> list[dict]:
-    ranked = frame[frame["k95_ratio"].notna()].sort_values(["k95_ratio", "name"]).head(top)
-    rows = ranked.to_dict("records")
-    for row in rows:
-        row["label"] = row["module"] + ("" if missing(row["expert"]) else f"[{row['expert']}]")
-        row["matrix"] = f"{row['rows']}×{row['cols']}"
+# The report's rows are rendered as the analysis returns them (a row of a matrix not
+# decomposed lacks the metric keys: ``.get``), so no frame is built unless --out asks for one.
+
+
+def summary_rows(rows: list[dict], top: int) -> list[dict]:
+    ranked = sorted((r for r in rows if not missing(r.get("k95_ratio"))), key=lambda r: (r["k95_ratio"], r["name"]))
+    shown = []
+    for row in ranked[:top]:
+        label = row["module"] + ("" if missing(row["expert"]) else f"[{row['expert']}]")
+        row = row | {"label": label, "matrix": f"{row['rows']}×{row['cols']}"}
         for k in ("k90", "k95", "k99"):  # an uncertified rank shows the interval that holds it
-            if missing(row[k]) and not missing(row[f"{k}_lo"]):
+            if missing(row.get(k)) and not missing(row.get(f"{k}_lo")):
                 row[k] = f"{row[f'{k}_lo']}–{row[f'{k}_hi']}"
-    return rows
+        shown.append(row)
+    return shown
 
 
-def json_summary(frame: pd.DataFrame, out: Path | None) -> dict:
-    meta = frame.attrs["lowrank_audit"]
+def json_summary(rows: list[dict], meta: dict, out: Path | None) -> dict:
     return {
         "tool_version": meta["tool_version"],
         "inputs": meta["inputs"],
         "device": meta["device"],
         "report": str(out) if out else None,
-        "matrices": len(frame),
-        "nonfinite_matrices": int((frame["nonfinite"] > 0).sum()),
+        "matrices": len(rows),
+        "nonfinite_matrices": sum(1 for r in rows if r["nonfinite"] > 0),
         "skipped": meta["skipped"],
         "unpaired": meta["unpaired"],
-        "rows": frame_rows(frame, JSON_COLUMNS),
+        "rows": [{c: json_value(r.get(c)) for c in JSON_COLUMNS} for r in rows],
     }
 
 
-def render(frame: pd.DataFrame, reporting: Reporting, elapsed: float, out: Path | None) -> None:
-    meta = frame.attrs["lowrank_audit"]
+def render(rows: list[dict], meta: dict, reporting: Reporting, elapsed: float, out: Path | None) -> None:
     if reporting.tables:
-        rows = summary_rows(frame, reporting.top)
+        shown = summary_rows(rows, reporting.top)
         kinds = {"delta": "updates (checkpoint - base)", "activation": "activations"}
-        what = kinds.get(frame["kind"].iloc[0], "matrices") if frame["kind"].nunique() == 1 else "matrices"
-        out_console.print(table(rows, TABLE, f"Most low-rank {what} ({len(rows)} of {len(frame)}, by k95%)"))
-    for row in frame[frame["nonfinite"] > 0].to_dict("records"):
-        what = "rows" if row["kind"] == "activation" else "entries"
-        line(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf {what}; not decomposed")
-    open_ranks = int((frame[["k90", "k95", "k99"]].isna().any(axis=1) & (frame["method"] == "randomized")).sum())
+        distinct = {r["kind"] for r in rows}
+        what = kinds.get(next(iter(distinct)), "matrices") if len(distinct) == 1 else "matrices"
+        out_console.print(table(shown, TABLE, f"Most low-rank {what} ({len(shown)} of {len(rows)}, by k95%)"))
+    for row in rows:
+        if row["nonfinite"] > 0:
+            what = "rows" if row["kind"] == "activation" else "entries"
+            line(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf {what}; not decomposed")
+    ranks = ("k90", "k95", "k99")
+    open_ranks = sum(1 for r in rows if r["method"] == "randomized" and any(missing(r.get(k)) for k in ranks))
     if open_ranks:
         line(f"{plural(open_ranks, 'matrix', 'matrices')}: energy ranks not certified within 1 % (in the noise "
              "floor, or past --rank-cap) are left empty; k90_lo..k99_hi bound them")  # fmt: skip
-    tensors = frame["name"].nunique()
-    text = f"Audited {plural(len(frame), 'matrix', 'matrices')} from {plural(tensors, 'tensor')}"
+    tensors = len({r["name"] for r in rows})
+    text = f"Audited {plural(len(rows), 'matrix', 'matrices')} from {plural(tensors, 'tensor')}"
     text += f" on {meta['device']} in {elapsed:.2f} s"
     text += f"; {len(meta['skipped'])} tensors skipped (not matrices)" if meta["skipped"] else ""
     line(text + (f"; report written to {out}" if out else ""))
@@ -121,10 +126,10 @@ def spectrum(
     Example: lowrank-audit spectrum finetuned.safetensors --base base.safetensors --out r.parquet
     """
     with user_errors():
-        from lowrank_audit.analyses.spectrum import spectrum as run_spectrum
+        from lowrank_audit.analyses.spectrum import spectrum_rows
 
-        def audit(progress: ProgressCallback | None) -> pd.DataFrame:
-            return run_spectrum(
+        def audit(progress: ProgressCallback | None) -> ReportRows:
+            return spectrum_rows(
                 checkpoint, base, include=include or (), exclude=exclude or (), rank_cap=rank_cap,
                 command=command_line(), progress=progress, **engine,
             )  # fmt: skip
@@ -133,23 +138,27 @@ def spectrum(
 
 
 def report_command(
-    audit: Callable[[ProgressCallback | None], pd.DataFrame], inputs: Sequence[Path], out: Path | None, *,
+    audit: Callable[[ProgressCallback | None], ReportRows], inputs: Sequence[Path], out: Path | None, *,
     force: bool, reporting: Reporting,
 ) -> None:  # fmt: skip
     """What a command that makes a spectrum report does around it: refuse ``out`` early, audit
-    under a progress bar, write the report, show the table or JSON (spectrum, activations)."""
-    from lowrank_audit.formats.report import write_report
+    under a progress bar, write the report, show the table or JSON (spectrum, activations).
+
+    Only ``--out`` builds the report frame, so the table and JSON need neither pandas nor pyarrow.
+    """
     from lowrank_audit.io.outputs import check_target
 
     if out is not None:
         check_target(out, inputs, force=force)
     started = time.perf_counter()
     with progress_bar(reporting.progress) as progress:
-        frame = audit(progress)
+        rows, meta = audit(progress)
     elapsed = time.perf_counter() - started
     if out is not None:
-        write_report(frame, out, force=force)
+        from lowrank_audit.formats.report import build_frame, write_report
+
+        write_report(build_frame(rows, meta), out, force=force)
     if reporting.as_json:
-        print_json(json_summary(frame, out))
+        print_json(json_summary(rows, meta, out))
     else:
-        render(frame, reporting, elapsed, out)
+        render(rows, meta, reporting, elapsed, out)
