@@ -162,3 +162,12 @@ def test_background_hashing_stops_when_the_audit_fails(samples):
     with ckpt, pytest.raises(ZeroDivisionError), hashing_inputs(ckpt):
         1 / 0  # noqa: B018 - an error in the engine, before the digests are asked for
     assert not [t for t in threading.enumerate() if t.name.startswith("lowrank-audit-hash")]
+
+
+def test_inputs_are_hashed_only_when_asked(samples):
+    with open_checkpoint(samples / "finetuned.safetensors") as ckpt:
+        with hashing_inputs(ckpt, hashed=False) as digests:
+            plain = digests()
+        assert plain["checkpoint"]["files"][0]["sha256"] is None
+        assert plain["checkpoint"]["files"][0]["size"] == (samples / "finetuned.safetensors").stat().st_size
+        assert checkpoint_inputs(ckpt)["checkpoint"]["files"][0]["sha256"] is not None  # negative control

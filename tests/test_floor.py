@@ -15,16 +15,16 @@ from lowrank_audit.ranks import RankPolicy
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(512, 1024), (1024, 1100)])  # read whole, and sampled (> FLOOR_SAMPLE values)
+@pytest.mark.parametrize("shape", [(256, 1024), (1024, 1100)])  # read whole, and sampled (> FLOOR_SAMPLE values)
 def test_floor_matches_the_rounding_it_models(dtype, shape):
     gen = torch.Generator().manual_seed(0)
     x = 0.02 * torch.randn(2, *shape, generator=gen, dtype=torch.float64)
-    x[:, :, :8] *= 40  # outlier columns, as in LLM weights
+    x[:, :, :8] *= 10  # outlier columns, as in LLM weights
     x[:, 3:6, :] *= 3  # and a few outlier rows
     stored = x.to(dtype)
     floors = rounding_energy(stored)
     actual = (stored.double() - x).square().sum((1, 2))
-    # An expectation against one draw: the 8 outlier columns hold most of the energy, a few
+    # An expectation against one draw: the 8 outlier columns hold half the energy, a few
     # thousand values whose squared rounding errors sum to within a few % of their mean; a
     # sampled estimate (the larger shape) reads a third of the rows, perhaps no outlier row.
     sampled = shape[0] * shape[1] > FLOOR_SAMPLE

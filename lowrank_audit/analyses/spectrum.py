@@ -150,8 +150,13 @@ def spectrum_rows(
     command: str | None = None,
     progress: ProgressCallback | None = None,
     need: Need = REPORT_NEED,
+    hashed: bool = True,
 ) -> ReportRows:
-    """:func:`spectrum` before its frame: the rows, sorted by name and expert, and the provenance."""
+    """:func:`spectrum` before its frame: the rows, sorted by name and expert, and the provenance.
+
+    Without ``hashed`` the inputs' SHA-256 is left out (None): the CLI's table shows no
+    digest, and hashing a 7B checkpoint costs seconds of CPU the decomposition could use.
+    """
     config = EngineConfig.create(
         device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, rank_cap=rank_cap, seed=seed
     )
@@ -160,7 +165,7 @@ def spectrum_rows(
         base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
         selection = select_matrices(ckpt, base=base_ckpt, include=include, exclude=exclude)
         warn_unpaired(selection, stacklevel=4)  # at the line that called spectrum()
-        digests = stack.enter_context(hashing_inputs(ckpt, base_ckpt))  # SHA-256 overlaps the engine
+        digests = stack.enter_context(hashing_inputs(ckpt, base_ckpt, hashed=hashed))  # overlaps the engine
         source = CheckpointSource(ckpt, selection.specs, base=base_ckpt)
         results = spectra(source, config, need=need, progress=progress)
         rows = sorted((report_row(r, config.eps) for r in results), key=lambda r: (r["name"], r["expert"] or 0))

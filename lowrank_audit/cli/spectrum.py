@@ -129,9 +129,10 @@ def spectrum(
         from lowrank_audit.analyses.spectrum import spectrum_rows
 
         def audit(progress: ProgressCallback | None) -> ReportRows:
+            # The table shows no digest: inputs are hashed only for --out and --json.
             return spectrum_rows(
                 checkpoint, base, include=include or (), exclude=exclude or (), rank_cap=rank_cap,
-                command=command_line(), progress=progress, **engine,
+                command=command_line(), progress=progress, hashed=out is not None or reporting.as_json, **engine,
             )  # fmt: skip
 
         report_command(audit, [checkpoint] + ([base] if base else []), out, force=force, reporting=reporting)

@@ -21,8 +21,11 @@ class _Stopped(Exception):
     """Hashing abandoned: its result is no longer wanted."""
 
 
-def file_digest(path: Path, *, stop: threading.Event | None = None) -> dict[str, Any]:
-    """Path, size and SHA-256 of one input file; ``stop``, once set, abandons it at the next MiB."""
+def file_digest(path: Path, *, stop: threading.Event | None = None, hashed: bool = True) -> dict[str, Any]:
+    """Path, size and SHA-256 of one input file (None unless ``hashed``); ``stop``, once set,
+    abandons it at the next MiB."""
+    if not hashed:
+        return {"path": str(path), "size": path.stat().st_size, "sha256": None}
     sha = hashlib.sha256()
     try:
         with path.open("rb") as fh:
@@ -36,24 +39,30 @@ def file_digest(path: Path, *, stop: threading.Event | None = None) -> dict[str,
 
 
 def checkpoint_inputs(
-    ckpt: Checkpoint, base: Checkpoint | None = None, *, stop: threading.Event | None = None
+    ckpt: Checkpoint, base: Checkpoint | None = None, *, stop: threading.Event | None = None, hashed: bool = True
 ) -> dict[str, Any]:
     """``{"checkpoint": {...}, "base": {...}}``: each with its path and every file's digest."""
 
     def one(c: Checkpoint) -> dict[str, Any]:
-        return {"path": str(c.path), "files": [file_digest(f, stop=stop) for f in c.files]}
+        return {"path": str(c.path), "files": [file_digest(f, stop=stop, hashed=hashed) for f in c.files]}
 
     return {"checkpoint": one(ckpt)} | ({"base": one(base)} if base is not None else {})
 
 
 @contextmanager
-def hashing_inputs(ckpt: Checkpoint, base: Checkpoint | None = None) -> Iterator[Callable[[], dict[str, Any]]]:
+def hashing_inputs(
+    ckpt: Checkpoint, base: Checkpoint | None = None, *, hashed: bool = True
+) -> Iterator[Callable[[], dict[str, Any]]]:
     """:func:`checkpoint_inputs` on a background thread; yields the function that waits for it.
 
     hashlib and file reads release the GIL, so the SHA-256 of the inputs (0.1-0.2 s per
     100 MB) runs while the engine decomposes instead of after it. Leaving the block without
-    waiting (an error, Ctrl-C) abandons the hashing within a MiB of reading.
+    waiting (an error, Ctrl-C) abandons the hashing within a MiB of reading. Without
+    ``hashed`` (nothing will show the digests) no thread starts and ``sha256`` is None.
     """
+    if not hashed:
+        yield lambda: checkpoint_inputs(ckpt, base, hashed=False)
+        return
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowrank-audit-hash")
     future = pool.submit(checkpoint_inputs, ckpt, base, stop=stop)
