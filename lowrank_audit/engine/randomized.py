@@ -170,7 +170,7 @@ def adaptive_svd(
         if settle is not None:
             energy = [energies[i] for i in pending]
             tails = _tails(active, sketch, s, certain, block, energy, rho, pending, power_iterations)
-            tails = _settled(active, sketch, tails, [settle[i] for i in pending], side)
+            tails = _settled(active, sketch, tails, [settle[i] for i in pending])
         for row, i in enumerate(pending):
             values = s[row, :certain]
             known[i] = rank_of[i](values.double().cpu().numpy())
@@ -223,16 +223,14 @@ def _tails(
     values = s.double().cpu().numpy()
     out = []
     for row, i in enumerate(pending):
-        slack = rounding_slack(energies[row], min(active.shape[-2:]))
-        rho[i] = min(rho[i], float(newest[row]) ** 2 * factor + slack)
-        residual = max(energies[row] - float(np.sum(np.square(values[row]))), 0.0) + slack
+        top = float(newest[row]) ** 2
+        rho[i] = min(rho[i], top * factor + rounding_slack(math.sqrt(top * energies[row])))
+        residual = max(energies[row] - float(np.sum(np.square(values[row]))), 0.0) + rounding_slack(energies[row])
         out.append(_Checked(Tail(values[row], certain, residual, rho[i], UNKNOWN)))
     return out
 
 
-def _settled(
-    active: torch.Tensor, sketch: _Sketch, tails: list[_Checked], settle: Sequence[Settle], side: int
-) -> list[_Checked]:
+def _settled(active: torch.Tensor, sketch: _Sketch, tails: list[_Checked], settle: Sequence[Settle]) -> list[_Checked]:
     """Which tails pass their test; the coupling pass runs only for those that would pass without it."""
     hopeful = [row for row, t in enumerate(tails) if settle[row](replace(t.tail, coupling=0.0))]
     if hopeful:
@@ -241,9 +239,9 @@ def _settled(
         coupling = torch.linalg.matrix_norm(z, ord=2).double().cpu().numpy()
         norms = torch.linalg.matrix_norm(b).double().cpu().numpy()  # ||B||_F
         for j, row in enumerate(hopeful):
-            # Rounding of the two products: 8 sqrt(n) eps ||W||_F ||B||_F.
+            # Rounding of the two products, at the scale ||W||_F ||B||_F.
             energy = tails[row].tail.residual + float(norms[j]) ** 2
-            y = float(coupling[j]) + rounding_slack(math.sqrt(energy) * float(norms[j]), side)
+            y = float(coupling[j]) + rounding_slack(math.sqrt(energy) * float(norms[j]))
             tails[row].tail = replace(tails[row].tail, coupling=y)
             tails[row].settled = settle[row](tails[row].tail)
     return tails
