@@ -99,16 +99,17 @@ def spectrum(
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         dtype: ``float32`` or ``float64``: the dtype of the decomposition.
         max_batch_mb: Budget for one batch of stacked same-shape matrices.
-        method: ``exact``, ``randomized`` (top of the spectrum only, grown until it holds
-            99 % of each matrix's energy), or ``auto`` (exact when the smaller side is at
+        method: ``exact``, ``randomized`` (top of the spectrum only, grown until each
+            energy rank is certified within 1 % or lies in the noise floor; see
+            :mod:`lowrank_audit.bounds`), or ``auto`` (exact when the smaller side is at
             most 1024). Figures that need the whole spectrum are null on truncated rows.
         rank_cap: With ``randomized``/``auto``, compute at most this many singular values
             per matrix (energy ranks above it are then null).
         seed: Seed of the randomized method; the same seed gives the same report.
         command: Command line recorded in the report's provenance.
         progress: Called with cumulative :class:`Progress` after each batch.
-        need: How many top values a truncated row must hold
-            (:mod:`lowrank_audit.engine.needs`); by default enough for k99.
+        need: How many top values a truncated row must hold besides what the report's
+            ranks ask (:mod:`lowrank_audit.engine.needs`); by default nothing more.
 
     Returns:
         A report frame (columns in :data:`lowrank_audit.report.COLUMNS`), one row per

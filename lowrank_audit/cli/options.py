@@ -66,7 +66,7 @@ ExcludeOpt = Annotated[
 MethodOpt = Annotated[
     str,
     typer.Option(
-        help="exact: full SVD. randomized: top singular values only (Halko et al.), grown until they hold the energy asked (99 % for reports). auto: exact when min(rows, cols) <= 1024, randomized above. Truncated rows leave whole-spectrum figures empty.",
+        help="exact: full SVD. randomized: top singular values only (Halko et al.), grown until the energy ranks of a report are certified within 1 % or lie in the noise floor (null, with an interval that holds them), or the rank asked is found. auto: exact when min(rows, cols) <= 1024, randomized above. Truncated rows leave whole-spectrum figures empty.",
         rich_help_panel="Engine",
         metavar="auto|exact|randomized",
     ),
