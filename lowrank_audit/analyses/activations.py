@@ -8,10 +8,11 @@ the float64 eigenvalues of XᵀX) -> the same metrics and report as ``spectrum``
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lowrank_audit.analyses.spectrum import ReportRows, report_row
 from lowrank_audit.engine.batches import ProgressCallback
@@ -31,20 +32,7 @@ if TYPE_CHECKING:
 GRAM_EPS = math.sqrt(2.0**-52)
 
 
-def activations(
-    paths: Sequence[str | Path],
-    *,
-    center: bool = False,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    device: str = "auto",
-    dtype: str = "float32",
-    max_batch_mb: float = DEFAULT_MAX_BATCH_MB,
-    method: str = DEFAULT_METHOD,
-    seed: int = 0,
-    command: str | None = None,
-    progress: ProgressCallback | None = None,
-) -> pd.DataFrame:
+def activations(paths: Sequence[str | Path], **options: Any) -> pd.DataFrame:
     """Singular-value spectrum of each module's input rows X, one report row per module.
 
     Args:
@@ -67,10 +55,7 @@ def activations(
     """
     from lowrank_audit.formats.report import build_frame
 
-    return build_frame(*activation_rows(
-        paths, center=center, include=include, exclude=exclude, device=device, dtype=dtype,
-        max_batch_mb=max_batch_mb, method=method, seed=seed, command=command, progress=progress,
-    ))  # fmt: skip
+    return build_frame(*activation_rows(paths, **options))
 
 
 def activation_rows(
@@ -111,6 +96,10 @@ def activation_rows(
         unpaired={},
     )
     return rows, metadata
+
+
+# activations() takes activation_rows()'s options, declared once there; introspection shows them.
+activations.__signature__ = inspect.signature(activation_rows).replace(return_annotation="pd.DataFrame")  # type: ignore[attr-defined]
 
 
 __all__ = ["GRAM_EPS", "activation_rows", "activations"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -72,22 +73,7 @@ def warn_unpaired(selection: Selection, stacklevel: int = 3) -> None:
         )
 
 
-def spectrum(
-    path: str | Path,
-    base: str | Path | None = None,
-    *,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    device: str = "auto",
-    dtype: str = "float32",
-    max_batch_mb: float = DEFAULT_MAX_BATCH_MB,
-    method: str = DEFAULT_METHOD,
-    rank_cap: int | None = None,
-    seed: int = 0,
-    command: str | None = None,
-    progress: ProgressCallback | None = None,
-    need: Need = REPORT_NEED,
-) -> pd.DataFrame:
+def spectrum(path: str | Path, base: str | Path | None = None, **options: Any) -> pd.DataFrame:
     """Singular-value spectrum and metrics of every matrix of a checkpoint, or of ``path - base``.
 
     Args:
@@ -110,6 +96,7 @@ def spectrum(
         progress: Called with cumulative :class:`Progress` after each batch.
         need: How many top values a truncated row must hold besides what the report's
             ranks ask (:mod:`lowrank_audit.engine.needs`); by default nothing more.
+        hashed: Record each input's SHA-256 in the provenance (None without).
 
     Returns:
         A report frame (columns in :data:`lowrank_audit.report.COLUMNS`), one row per
@@ -130,10 +117,7 @@ def spectrum(
     """
     from lowrank_audit.formats.report import build_frame
 
-    return build_frame(*spectrum_rows(
-        path, base, include=include, exclude=exclude, device=device, dtype=dtype, max_batch_mb=max_batch_mb,
-        method=method, rank_cap=rank_cap, seed=seed, command=command, progress=progress, need=need,
-    ))  # fmt: skip
+    return build_frame(*spectrum_rows(path, base, **options))
 
 
 def spectrum_rows(
@@ -188,6 +172,10 @@ def spectrum_rows(
         unpaired=selection.unpaired,
     )
     return rows, metadata
+
+
+# spectrum() takes spectrum_rows()'s options, declared once there; introspection shows them.
+spectrum.__signature__ = inspect.signature(spectrum_rows).replace(return_annotation="pd.DataFrame")  # type: ignore[attr-defined]
 
 
 def load_spectrum(source: str | Path, base: str | Path | None = None, **options: Any) -> pd.DataFrame:
