@@ -4,9 +4,10 @@ A sketch of W (m x n) is an orthonormal basis Q (m x l) and B = QᵀW (l x n). I
 
 - the singular values s̃ of B, each at most the true one: s̃_j <= σ_j (Cauchy interlacing);
 - the residual energy R = ||W||_F² - ||B||_F² = ||(I - QQᵀ)W||_F² (Q is orthonormal);
-- ρ >= ||(I - QQᵀ)W||_2², from the sketch's newest block (see :func:`spectral_bound_factor`);
-  this is the only random part: it holds with probability at least 1 - :data:`FAILURE`
-  over the engine's own Gaussian draws, whatever the matrix;
+- ρ >= ||(I - QQᵀ)W||_2², the least of the bounds read from each block the sketch grew
+  (see :func:`spectral_bound_factor`); this is the only random part: it holds with
+  probability at least 1 - :data:`FAILURE` over the engine's own Gaussian draws, whatever
+  the matrix (each round is given FAILURE / rounds, a union bound);
 - y >= ||(I - QQᵀ)W Bᵀ||_2, one more pass over W (:data:`UNKNOWN` until computed).
 
 From them, bounds on the cumulative energy E_k = σ_1² + ... + σ_k² for every k:
@@ -38,7 +39,7 @@ import numpy as np
 
 from lowrank_audit.metrics import ENERGY_TARGETS, truncated_noise
 
-# Probability, per matrix, that ρ falls below ||(I - QQᵀ)W||_2² (the draws of one block).
+# Probability, per matrix, that ρ falls below ||(I - QQᵀ)W||_2² (all its blocks together).
 FAILURE = 1e-9
 # A rank is reported when its interval's width is at most this share of its lower end.
 CERTIFIED = 0.01
@@ -187,12 +188,12 @@ def tail_metrics(tail: Tail, *, energy: float, floor: float, rows: int, cols: in
         lo, hi = tail.interval(energy, side, target)
         name = f"k{round(target * 100)}"
         out |= {name: hi if certified(lo, hi) else None, f"{name}_lo": lo, f"{name}_hi": hi}
-    noise, sigma, rank = noise_energy(tail, floor=floor, rows=rows, cols=cols, eps=eps)
+    _, sigma, rank = noise_energy(tail, floor=floor, rows=rows, cols=cols, eps=eps)
     out |= {
         "k95_ratio": out["k95"] / side if out["k95"] is not None else None,
         "signal_rank": rank,
         "noise_sigma": sigma if rank is not None else None,
-        "noise_share": min(noise / energy, 1.0) if energy > 0 and rank is not None else None,
+        "noise_share": min(sigma * sigma * rows * cols / energy, 1.0) if energy > 0 and rank is not None else None,
     }
     return out
 

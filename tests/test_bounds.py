@@ -141,7 +141,7 @@ def test_bounds_hold_on_every_prefix_of_random_sketches():
             (t,) = adaptive_svd(w[None], [lambda v, width=width: width - 10], seeds=[1], vectors=False,
                                 settle=[lambda tail: True], energies=[energy], exact_fraction=1.0)  # fmt: skip
             lower, upper = t.tail.cumulative(energy, len(s))
-            slack = 1e-5 * energy
+            slack = 16 * EPS32 * energy  # the allowance the README states
             assert np.all(lower <= true + slack) and np.all(true <= upper + slack)
 
 
@@ -208,7 +208,7 @@ def test_certified_means_within_one_percent():
 
 def test_truncated_signal_rank_agrees_with_gavish_donoho():
     """Where a truncated row reports a signal rank, it is within max(2, 5 %) of the exact
-    Gavish-Donoho count (README); the noise level within 5 %."""
+    Gavish-Donoho count (README)."""
     compared = 0
     for shape in SHAPES:
         for rank, noise in [(8, 0.01), (24, 0.05), (24, 0.2)]:

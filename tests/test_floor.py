@@ -77,3 +77,12 @@ def test_recommend_ignores_energy_below_the_floor(tmp_path):
     floor = lowrank_audit.spectrum(ft, base=base)["precision_floor"].iloc[0] * energy
     assert above == energy_rank(s, energy - floor, 0.99) <= 8  # the signal only
     assert counted == energy_rank(s, energy, 0.99) > 50  # 99 % of everything reaches deep into the noise
+
+
+def test_floor_of_a_matrix_larger_than_any_stride_table():
+    """An embedding of 20000 x 14000 (280 M values; a LLaMA-3 vocabulary is larger) samples
+    every p-th row with p odd, whatever its size. An expanded view: no memory is allocated."""
+    big = torch.full((1, 1), 0.02, dtype=torch.float16).expand(1, 20000, 14000)
+    (floor,) = rounding_energy(big)
+    spacing = 2.0 ** (-6 - 10)  # 0.02 lies in [2^-6, 2^-5): fp16 spacing 2^-16
+    assert floor == pytest.approx(20000 * 14000 * spacing**2 / 12, rel=1e-6)

@@ -90,7 +90,7 @@ def spectrum(path: str | Path, base: str | Path | None = None, **options: Any) -
             :mod:`lowrank_audit.bounds`), or ``auto`` (exact when the smaller side is at
             most 1024). Figures that need the whole spectrum are null on truncated rows.
         rank_cap: With ``randomized``/``auto``, compute at most this many singular values
-            per matrix (energy ranks above it are then null).
+            per matrix (energy ranks above it are null unless the bounds certify them).
         seed: Seed of the randomized method; the same seed gives the same report.
         command: Command line recorded in the report's provenance.
         progress: Called with cumulative :class:`Progress` after each batch.

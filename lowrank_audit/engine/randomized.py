@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from lowrank_audit.bounds import UNKNOWN, Tail, rounding_slack, spectral_bound_factor
+from lowrank_audit.bounds import FAILURE, UNKNOWN, Tail, rounding_slack, spectral_bound_factor
 from lowrank_audit.engine.exact import RankOf, Triplets, exact_triplets
 
 Settle = Callable[[Tail], bool]  # whether what a sketch proves about a matrix is enough
@@ -169,7 +169,8 @@ def adaptive_svd(
         last = sketch.width == limit
         if settle is not None:
             energy = [energies[i] for i in pending]
-            tails = _tails(active, sketch, s, certain, block, energy, rho, pending, power_iterations)
+            rounds = math.ceil(limit / BLOCK) + 1  # the most rounds a sketch can take
+            tails = _tails(active, sketch, s, certain, block, rounds, energy, rho, pending, power_iterations)
             tails = _settled(active, sketch, tails, [settle[i] for i in pending])
         for row, i in enumerate(pending):
             values = s[row, :certain]
@@ -207,6 +208,7 @@ def _tails(
     s: torch.Tensor,
     certain: int,
     block: int,
+    rounds: int,
     energies: Sequence[float],
     rho: list[float],
     pending: list[int],
@@ -219,7 +221,9 @@ def _tails(
     so the smaller one after it; ``rho`` keeps each matrix's least bound so far.
     """
     newest = torch.linalg.matrix_norm(sketch.b[:, -block:, :], ord=2).double().cpu().numpy()
-    factor = spectral_bound_factor(active.shape[-1], block, 2 * power_iterations + 2)
+    # rho is the least bound over all rounds, so each round gets a share of the failure
+    # probability (union bound over at most `rounds` of them).
+    factor = spectral_bound_factor(active.shape[-1], block, 2 * power_iterations + 2, FAILURE / rounds)
     values = s.double().cpu().numpy()
     out = []
     for row, i in enumerate(pending):
