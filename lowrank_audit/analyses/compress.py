@@ -61,7 +61,7 @@ from lowrank_audit.formats.peft import Plan, module_of
 from lowrank_audit.formats.report import build_frame, schema_of, write_report
 from lowrank_audit.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_audit.io.outputs import atomic_folder, check_target
-from lowrank_audit.io.provenance import checkpoint_inputs, file_digest, provenance
+from lowrank_audit.io.provenance import file_digest, hashing_inputs, provenance
 from lowrank_audit.io.selection import select_matrices
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
 
@@ -207,6 +207,7 @@ def compress(
                 raise OptionError("--serving-safe, --embeddings, --bias and --task-type apply to adapters: give --base")
             plan = _plan_factorized(ckpt, include, exclude)
         whitened = calibration_plan(calibration, plan.specs, ckpt.path)
+        digests = stack.enter_context(hashing_inputs(ckpt, base_ckpt))  # SHA-256 overlaps the engine
         source = WhitenedSource(CheckpointSource(ckpt, plan.specs, base_ckpt), whitened)
         need = _need(plan, source, policy, config, progress)
         with atomic_folder(out, force=force) as tmp:
@@ -222,7 +223,7 @@ def compress(
                 r["update_share"] = r["update_share"] / total if total > 0 else 0.0
             metadata = provenance(
                 command=command or f"lowrank_audit.compress({str(path)!r}, {str(out)!r}, base={base!r})",
-                inputs=checkpoint_inputs(ckpt, base_ckpt)
+                inputs=digests()
                 | ({"calibration": [file_digest(Path(p)) for p in calibration]} if calibration else {}),
                 device=config.device_name,
                 policy=policy.describe(),
