@@ -80,6 +80,16 @@ def adapter(tmp_path_factory):
     return out, compress(FT, out, base=BASE, policy=RankPolicy.create(energy=0.9), method="exact", bias="lora_bias")
 
 
+def test_report_records_each_input_with_its_sha256(adapter):
+    import hashlib
+
+    _, report = adapter
+    inputs = report.attrs["lowrank_audit"]["inputs"]
+    for key, path in (("checkpoint", FT), ("base", BASE)):
+        (digest,) = inputs[key]["files"]
+        assert digest["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()  # hashed while factoring
+
+
 def test_peft_loads_the_adapter_with_no_missing_or_unexpected_keys_and_our_ranks(adapter):
     out, report = adapter
     adapted, keys = _apply(out)
