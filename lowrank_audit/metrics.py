@@ -119,14 +119,18 @@ def marchenko_pastur_energy_below(beta: float, top: float) -> float:
     return _marchenko_pastur_below(beta, _marchenko_pastur_quantile(beta, 1 - top))[1]
 
 
+def _lambda_star(beta: float) -> float:
+    """Gavish & Donoho's lambda*(beta), eq. (11): the known-noise threshold in units of sqrt(n) sigma."""
+    return math.sqrt(2 * (beta + 1) + 8 * beta / (beta + 1 + math.sqrt(beta * beta + 14 * beta + 1)))
+
+
 def optimal_threshold_coefficient(beta: float) -> float:
     """Gavish & Donoho's ``omega(beta)``: the hard threshold for unknown noise is ``omega * median(s)``.
 
     ``omega(beta) = lambda*(beta) / sqrt(mu_beta)`` with ``lambda*`` their eq. (11) and
     ``mu_beta`` the Marchenko-Pastur median (IEEE Trans. Inf. Theory 60(8), 2014).
     """
-    lam = math.sqrt(2 * (beta + 1) + 8 * beta / (beta + 1 + math.sqrt(beta * beta + 14 * beta + 1)))
-    return lam / math.sqrt(marchenko_pastur_median(beta))
+    return _lambda_star(beta) / math.sqrt(marchenko_pastur_median(beta))
 
 
 def signal_rank(s: np.ndarray, rows: int, cols: int, eps: float) -> int:
@@ -146,8 +150,7 @@ def signal_rank(s: np.ndarray, rows: int, cols: int, eps: float) -> int:
 
 def _threshold(beta: float, larger: int, sigma: float) -> float:
     """Gavish & Donoho's hard threshold for a known noise level: lambda*(beta) sqrt(n) sigma."""
-    lam = math.sqrt(2 * (beta + 1) + 8 * beta / (beta + 1 + math.sqrt(beta * beta + 14 * beta + 1)))
-    return lam * math.sqrt(larger) * sigma
+    return _lambda_star(beta) * math.sqrt(larger) * sigma
 
 
 def noise_sigma(s: np.ndarray, rows: int, cols: int) -> float:

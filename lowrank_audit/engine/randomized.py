@@ -153,6 +153,7 @@ def adaptive_svd(
     known = [need(np.empty(0)) for need in rank_of]
     rho = [math.inf] * len(batch)
     out: dict[int, Triplets] = {}
+    rounds = math.ceil(limit / BLOCK) + 1  # the most rounds a sketch can take
     exact = [i for i, k in enumerate(known) if k is not None and k + oversample > limit and cap is None]
     pending = [i for i in range(len(batch)) if i not in exact]
     active = select_rows(batch, pending)
@@ -167,14 +168,14 @@ def adaptive_svd(
         # A sketch as wide as the smaller side spans the whole range: every value is exact.
         certain = sketch.width if sketch.width == side else sketch.width - oversample
         last = sketch.width == limit
+        host = s.double().cpu().numpy()  # every value of every row, for the needs and the tails
         if settle is not None:
             energy = [energies[i] for i in pending]
-            rounds = math.ceil(limit / BLOCK) + 1  # the most rounds a sketch can take
-            tails = _tails(active, sketch, s, certain, block, rounds, energy, rho, pending, power_iterations)
+            tails = _tails(active, sketch, host, certain, block, rounds, energy, rho, pending, power_iterations)
             tails = _settled(active, sketch, tails, [settle[i] for i in pending])
         for row, i in enumerate(pending):
             values = s[row, :certain]
-            known[i] = rank_of[i](values.double().cpu().numpy())
+            known[i] = rank_of[i](host[row, :certain])
             met = known[i] is not None and known[i] <= certain and (settle is None or tails[row].settled)
             if met:
                 rank = known[i]
@@ -205,7 +206,7 @@ class _Checked:
 def _tails(
     active: torch.Tensor,
     sketch: _Sketch,
-    s: torch.Tensor,
+    values: np.ndarray,
     certain: int,
     block: int,
     rounds: int,
@@ -224,7 +225,6 @@ def _tails(
     # rho is the least bound over all rounds, so each round gets a share of the failure
     # probability (union bound over at most `rounds` of them).
     factor = spectral_bound_factor(active.shape[-1], block, 2 * power_iterations + 2, FAILURE / rounds)
-    values = s.double().cpu().numpy()
     out = []
     for row, i in enumerate(pending):
         top = float(newest[row]) ** 2
