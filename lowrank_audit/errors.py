@@ -13,6 +13,11 @@ class CheckpointError(LowrankAuditError, OSError):
     """A checkpoint cannot be found, opened or read; the message names the file and tensor."""
 
 
+class OutputError(LowrankAuditError, OSError):
+    """A file or folder cannot be written (a full disk, a read-only or forbidden folder); the
+    message names the path and the cause. Nothing half-written is left behind."""
+
+
 class ShapeMismatchError(LowrankAuditError, ValueError):
     """A fine-tuned tensor and its base tensor have different shapes."""
 

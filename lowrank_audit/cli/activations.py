@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from lowrank_audit.cli.app import command, command_line, user_errors
+from lowrank_audit.cli.app import command, command_line
 from lowrank_audit.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, Reporting, path_option
 from lowrank_audit.cli.spectrum import report_command
 
@@ -51,13 +51,12 @@ def activations(
 
     Example: lowrank-audit activations sample_checkpoints/dropout/activations-dropout.safetensors --out acts.parquet
     """
-    with user_errors():
-        from lowrank_audit.analyses.activations import activation_rows
+    from lowrank_audit.analyses.activations import activation_rows
 
-        def audit(progress: ProgressCallback | None) -> ReportRows:
-            return activation_rows(
-                files, center=center, include=include or (), exclude=exclude or (), command=command_line(),
-                progress=progress, **engine,
-            )  # fmt: skip
+    def audit(progress: ProgressCallback | None) -> ReportRows:
+        return activation_rows(
+            files, center=center, include=include or (), exclude=exclude or (), command=command_line(),
+            progress=progress, **engine,
+        )  # fmt: skip
 
-        report_command(audit, files, out, force=force, reporting=reporting)
+    report_command(audit, files, out, force=force, reporting=reporting)

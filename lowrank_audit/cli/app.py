@@ -6,13 +6,17 @@ Each command lives in its own module and registers itself on :data:`app`; heavy 
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
+import click
 import typer
 from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup
@@ -62,19 +66,58 @@ app = typer.Typer(
 )
 
 
+# Colour and cursor codes: a message quoting a library (torch's pickle refusals) may hold them.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# Exit codes: 2 bad input or a failed read or write (LowrankAuditError), 130 Ctrl-C (128 + SIGINT),
+# 70 a bug in this tool (EX_SOFTWARE), so that `check`'s 1 only ever means "a rule failed".
+INTERRUPTED, INTERNAL = 130, 70
+debug = bool(os.environ.get("LOWRANK_AUDIT_DEBUG"))
+
+
+def _error(text: str) -> None:
+    # escape: tensor names and TOML keys hold brackets that rich would read as markup
+    err_console.print(f"[red]Error:[/] {escape(_ANSI.sub('', text))}", highlight=False, soft_wrap=True)
+
+
+def _os_error(err: OSError) -> str:
+    """An OS error outside our readers and writers (a report, a policy file): the path and the cause."""
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err}"
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn our errors into one red line and their exit code; only our own bugs print a traceback."""
+    """The one error path: each failure becomes one ``Error:`` line and its exit code.
+
+    Project errors and OS errors exit 2, Ctrl-C 130, anything else is a bug in this tool:
+    its traceback, then exit 70. ``--debug`` (or ``LOWRANK_AUDIT_DEBUG=1``) prints the
+    traceback of every error.
+    """
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield
         for w in caught:
             err_console.print(f"[yellow]Warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
-    except LowrankAuditError as err:
-        # escape: tensor names and TOML keys hold brackets that rich would read as markup
-        err_console.print(f"[red]Error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(err.exit_code) from None
+    except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+        raise
+    except KeyboardInterrupt:
+        _error("interrupted; unfinished outputs were removed")
+        raise typer.Exit(INTERRUPTED) from None
+    except (LowrankAuditError, OSError, MemoryError) as err:
+        if debug:
+            traceback.print_exc()
+        if isinstance(err, LowrankAuditError):
+            _error(str(err))
+        elif isinstance(err, MemoryError):
+            _error(f"out of memory{': ' + str(err) if str(err) else ''}")
+        else:
+            _error(_os_error(err))
+        raise typer.Exit(getattr(err, "exit_code", 2)) from None
+    except Exception as err:
+        traceback.print_exc()
+        _error(f"internal error ({type(err).__name__}); this is a bug in lowrank-audit, please report it")
+        raise typer.Exit(INTERNAL) from None
 
 
 def command() -> typer.models.CommandFunctionType:
@@ -108,5 +151,11 @@ def _root(
             "--version", callback=_version_callback, is_eager=True, help="Show the version and exit.", metavar=""
         ),
     ] = False,
+    show_traceback: Annotated[
+        bool,
+        typer.Option("--debug", help="Print the traceback of every error (also LOWRANK_AUDIT_DEBUG=1).", metavar=""),
+    ] = False,
 ) -> None:
     """Spectral audits of neural-network checkpoints."""
+    global debug
+    debug = debug or show_traceback

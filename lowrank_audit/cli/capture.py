@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from lowrank_audit.cli.app import command, user_errors
+from lowrank_audit.cli.app import command
 from lowrank_audit.cli.options import DeviceOpt, ExcludeOpt, ForceOpt, IncludeOpt, Reporting, path_option
 from lowrank_audit.cli.render import err_console, line, out_console, print_json, table
 from lowrank_audit.wording import plural
@@ -124,27 +124,26 @@ def capture(
 
     Example: lowrank-audit capture --model mypkg.models:build --inputs batches.safetensors --out acts.safetensors
     """
-    with user_errors():
-        from lowrank_audit.analyses.capture import capture_to_file
+    from lowrank_audit.analyses.capture import capture_to_file
 
-        started = time.perf_counter()
-        with batch_bar(reporting.progress) as progress:
-            result = capture_to_file(
-                model, inputs, out, batch_size=batch_size, include=include or (), exclude=exclude or (), raw=raw,
-                max_rows=max_rows, device=device, force=force, progress=progress,
-            )  # fmt: skip
-        elapsed = time.perf_counter() - started
-        rows = module_rows(result)
-        kind = "raw rows" if raw else "moments"
-        if reporting.as_json:
-            print_json({"out": str(out), "kind": "dumps" if raw else "moments", "batches": result.batches,
-                        "seconds": round(elapsed, 3), "groups": [list(g) for g in result.groups],
-                        "modules": rows})  # fmt: skip
-            return
-        if reporting.tables:
-            columns = tuple(c for c in TABLE if c[0] != ("shares" if raw else "kept"))
-            shown = rows[: reporting.top]
-            out_console.print(table(shown, columns, f"capture ({len(shown)} of {len(rows)} modules)"))
-        shared = f"; {len(result.groups)} groups of modules shared an input" if result.groups else ""
-        line(f"{kind} of {len(rows)} Linear inputs over {plural(result.batches, 'batch', 'batches')} written to {out} "
-             f"in {elapsed:.2f} s{shared}")  # fmt: skip
+    started = time.perf_counter()
+    with batch_bar(reporting.progress) as progress:
+        result = capture_to_file(
+            model, inputs, out, batch_size=batch_size, include=include or (), exclude=exclude or (), raw=raw,
+            max_rows=max_rows, device=device, force=force, progress=progress,
+        )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    rows = module_rows(result)
+    kind = "raw rows" if raw else "moments"
+    if reporting.as_json:
+        print_json({"out": str(out), "kind": "dumps" if raw else "moments", "batches": result.batches,
+                    "seconds": round(elapsed, 3), "groups": [list(g) for g in result.groups],
+                    "modules": rows})  # fmt: skip
+        return
+    if reporting.tables:
+        columns = tuple(c for c in TABLE if c[0] != ("shares" if raw else "kept"))
+        shown = rows[: reporting.top]
+        out_console.print(table(shown, columns, f"capture ({len(shown)} of {len(rows)} modules)"))
+    shared = f"; {len(result.groups)} groups of modules shared an input" if result.groups else ""
+    line(f"{kind} of {len(rows)} Linear inputs over {plural(result.batches, 'batch', 'batches')} written to {out} "
+         f"in {elapsed:.2f} s{shared}")  # fmt: skip

@@ -11,7 +11,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from lowrank_audit.cli.app import command, command_line, user_errors
+from lowrank_audit.cli.app import command, command_line
 from lowrank_audit.cli.options import ForceOpt, RankCapOpt, Reporting, SourceArg, base_option, path_option
 from lowrank_audit.cli.render import json_value, line, out_console, print_json, progress_bar
 
@@ -118,45 +118,44 @@ def check(
 
     Example: lowrank-audit check release/ --baseline last-release.parquet --junit check.xml --markdown summary.md
     """
-    with user_errors():
-        from lowrank_audit.analyses.spectrum import load_spectrum
-        from lowrank_audit.errors import OptionError
-        from lowrank_audit.formats.ci import junit_xml
-        from lowrank_audit.formats.ci import markdown as to_markdown
-        from lowrank_audit.formats.report import read_report, write_report
-        from lowrank_audit.io.outputs import check_target, write_text
-        from lowrank_audit.policy import check as run_check
-        from lowrank_audit.policy import load_policy, require_inputs
+    from lowrank_audit.analyses.spectrum import load_spectrum
+    from lowrank_audit.errors import OptionError
+    from lowrank_audit.formats.ci import junit_xml
+    from lowrank_audit.formats.ci import markdown as to_markdown
+    from lowrank_audit.formats.report import read_report, write_report
+    from lowrank_audit.io.outputs import check_target, write_text
+    from lowrank_audit.policy import check as run_check
+    from lowrank_audit.policy import load_policy, require_inputs
 
-        inputs = [p for p in (source, base, baseline, policy) if p is not None]
-        for path, option in ((out, "--out"), (junit, "--junit"), (markdown, "--markdown")):
-            if path is not None:
-                check_target(path, inputs, force=force, option=option)
-        if out is not None and source.suffix == ".parquet":
-            raise OptionError(f"{source} is already a report; --out applies only when SOURCE is a checkpoint")
-        rules = load_policy(policy)
-        if source.suffix != ".parquet":  # refuse now, not after auditing (a report says what it holds)
-            require_inputs(rules, updates=base is not None, baseline=baseline is not None)
-        before = read_report(baseline) if baseline is not None else None
-        started = time.perf_counter()
-        with progress_bar(reporting.progress and source.suffix != ".parquet") as progress:
-            report = load_spectrum(
-                source, base, rank_cap=rank_cap, progress=progress, command=command_line(), **engine
-            )  # fmt: skip
-        result = run_check(report, rules, baseline=before)
-        seconds = time.perf_counter() - started
-        if out is not None:
-            write_report(report, out, force=force)
-        if junit is not None:
-            write_text(junit, junit_xml(result, seconds=seconds), force=force)
-        if markdown is not None:
-            write_text(markdown, to_markdown(result), force=force)
-        if reporting.as_json:
-            print_json(check_json(result))
-        else:
-            if not reporting.quiet:  # the rules table even with --top 0
-                for t in check_tables(result, reporting.top):
-                    out_console.print(t)
-            verdict(result, reporting.top, reporting.quiet)
+    inputs = [p for p in (source, base, baseline, policy) if p is not None]
+    for path, option in ((out, "--out"), (junit, "--junit"), (markdown, "--markdown")):
+        if path is not None:
+            check_target(path, inputs, force=force, option=option)
+    if out is not None and source.suffix == ".parquet":
+        raise OptionError(f"{source} is already a report; --out applies only when SOURCE is a checkpoint")
+    rules = load_policy(policy)
+    if source.suffix != ".parquet":  # refuse now, not after auditing (a report says what it holds)
+        require_inputs(rules, updates=base is not None, baseline=baseline is not None)
+    before = read_report(baseline) if baseline is not None else None
+    started = time.perf_counter()
+    with progress_bar(reporting.progress and source.suffix != ".parquet") as progress:
+        report = load_spectrum(
+            source, base, rank_cap=rank_cap, progress=progress, command=command_line(), **engine
+        )  # fmt: skip
+    result = run_check(report, rules, baseline=before)
+    seconds = time.perf_counter() - started
+    if out is not None:
+        write_report(report, out, force=force)
+    if junit is not None:
+        write_text(junit, junit_xml(result, seconds=seconds), force=force)
+    if markdown is not None:
+        write_text(markdown, to_markdown(result), force=force)
+    if reporting.as_json:
+        print_json(check_json(result))
+    else:
+        if not reporting.quiet:  # the rules table even with --top 0
+            for t in check_tables(result, reporting.top):
+                out_console.print(t)
+        verdict(result, reporting.top, reporting.quiet)
     if not result.passed:
         raise typer.Exit(1)

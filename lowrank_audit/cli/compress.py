@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from lowrank_audit.cli.app import command, command_line, user_errors
+from lowrank_audit.cli.app import command, command_line
 from lowrank_audit.cli.options import (
     ExcludeOpt,
     ForceOpt,
@@ -92,33 +92,32 @@ def compress(
 
     Example: lowrank-audit compress finetuned.safetensors --base base.safetensors --energy 0.9 --out adapter/
     """
-    with user_errors():
-        from lowrank_audit.analyses.compress import REPORT_NAME
-        from lowrank_audit.analyses.compress import compress as run_compress
+    from lowrank_audit.analyses.compress import REPORT_NAME
+    from lowrank_audit.analyses.compress import compress as run_compress
 
-        started = time.perf_counter()
-        with progress_bar(reporting.progress) as progress:
-            report = run_compress(
-                checkpoint, out, base=base, policy=rank_policy, embeddings=embeddings, serving_safe=serving_safe, calibration=calibration or (),
-                include=include or (), exclude=exclude or (), force=force, command=command_line(),
-                bias=bias, task_type=task_type, progress=progress, **engine,
-            )  # fmt: skip
-        elapsed = time.perf_counter() - started
-        before, after = int(report["params_before"].sum()), int(report["params_after"].sum())
-        left = report[report["treatment"] == "left_out"]
-        if reporting.as_json:
-            print_json({"out": str(out), "policy": rank_policy.describe(), "params_before": before, "params_after": after,
-                        "left_out_share": float(left["update_share"].sum()), "seconds": round(elapsed, 3),
-                        "rows": frame_rows(report, JSON_COLUMNS)})  # fmt: skip
-            return
-        if reporting.tables:
-            shown = report.head(reporting.top)
-            title = f"compress ({rank_policy.describe()}; {len(shown)} of {len(report)} tensors)"
-            # With calibration, the outputs' error is the figure the truncation minimized.
-            calibrated = bool(report["calibrated"].fillna(False).any())
-            columns = TABLE + ((("output_error", "out error", "{:.3f}"),) if calibrated else ())
-            out_console.print(table(shown.to_dict("records"), columns, title))
-        text = f"{before:,} -> {after:,} parameters ({before / max(after, 1):.1f}x smaller)"
-        if not left.empty:
-            text += f"; {len(left)} tensors left out, {left['update_share'].sum():.2%} of the update"
-        line(f"{text}; verified and written to {out} ({REPORT_NAME}) in {elapsed:.2f} s")
+    started = time.perf_counter()
+    with progress_bar(reporting.progress) as progress:
+        report = run_compress(
+            checkpoint, out, base=base, policy=rank_policy, embeddings=embeddings, serving_safe=serving_safe, calibration=calibration or (),
+            include=include or (), exclude=exclude or (), force=force, command=command_line(),
+            bias=bias, task_type=task_type, progress=progress, **engine,
+        )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    before, after = int(report["params_before"].sum()), int(report["params_after"].sum())
+    left = report[report["treatment"] == "left_out"]
+    if reporting.as_json:
+        print_json({"out": str(out), "policy": rank_policy.describe(), "params_before": before, "params_after": after,
+                    "left_out_share": float(left["update_share"].sum()), "seconds": round(elapsed, 3),
+                    "rows": frame_rows(report, JSON_COLUMNS)})  # fmt: skip
+        return
+    if reporting.tables:
+        shown = report.head(reporting.top)
+        title = f"compress ({rank_policy.describe()}; {len(shown)} of {len(report)} tensors)"
+        # With calibration, the outputs' error is the figure the truncation minimized.
+        calibrated = bool(report["calibrated"].fillna(False).any())
+        columns = TABLE + ((("output_error", "out error", "{:.3f}"),) if calibrated else ())
+        out_console.print(table(shown.to_dict("records"), columns, title))
+    text = f"{before:,} -> {after:,} parameters ({before / max(after, 1):.1f}x smaller)"
+    if not left.empty:
+        text += f"; {len(left)} tensors left out, {left['update_share'].sum():.2%} of the update"
+    line(f"{text}; verified and written to {out} ({REPORT_NAME}) in {elapsed:.2f} s")

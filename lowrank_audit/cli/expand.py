@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from lowrank_audit.cli.app import command, user_errors
+from lowrank_audit.cli.app import command
 from lowrank_audit.cli.options import ForceOpt, path_argument, path_option
 from lowrank_audit.cli.render import line
 
@@ -19,8 +19,7 @@ def expand(
     force: ForceOpt = False,
 ) -> None:
     """Multiply a factorized checkpoint back into a dense one: original names, shapes and dtypes."""
-    with user_errors():
-        from lowrank_audit.formats.lowrank import expand as run_expand
+    from lowrank_audit.formats.lowrank import expand as run_expand
 
-        written = run_expand(source, out, force=force)
-        line(f"dense checkpoint written to {written}")
+    written = run_expand(source, out, force=force)
+    line(f"dense checkpoint written to {written}")

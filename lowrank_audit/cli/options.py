@@ -252,7 +252,7 @@ def grouped(fn: Callable[..., Any]) -> Callable[..., Any]:
         with user_errors():
             for name in groups:
                 kwargs[name] = GROUPS[name](**{p.name: kwargs.pop(p.name) for p in members[name]})
-        return fn(**kwargs)
+            return fn(**kwargs)
 
     command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from lowrank_audit.cli.app import command, command_line, user_errors
+from lowrank_audit.cli.app import command, command_line
 from lowrank_audit.cli.options import ForceOpt, Reporting, SourceArg, base_option, path_option
 from lowrank_audit.cli.render import frame_rows, line, out_console, print_json, progress_bar, table
 
@@ -38,39 +38,42 @@ def recommend(
 
     Example: lowrank-audit recommend finetuned.safetensors --base base.safetensors --avg-rank 8 --peft-config adapter_config.json
     """
-    with user_errors():
-        from lowrank_audit.analyses.recommend import RANKS_SCHEMA
-        from lowrank_audit.analyses.recommend import peft_config as to_peft_config
-        from lowrank_audit.analyses.recommend import recommend as run_recommend
-        from lowrank_audit.formats.report import write_report
-        from lowrank_audit.io.outputs import check_target, write_text
+    from lowrank_audit.analyses.recommend import RANKS_SCHEMA
+    from lowrank_audit.analyses.recommend import peft_config as to_peft_config
+    from lowrank_audit.analyses.recommend import recommend as run_recommend
+    from lowrank_audit.formats.report import write_report
+    from lowrank_audit.io.outputs import check_target, write_text
 
-        inputs = [source] + ([base] if base else [])
-        for path, option in ((out, "--out"), (peft_config, "--peft-config")):
-            if path is not None:
-                check_target(path, inputs, force=force, option=option)
-        started = time.perf_counter()
-        with progress_bar(reporting.progress) as progress:
-            ranks = run_recommend(source, rank_policy, base=base, command=command_line(), progress=progress, **engine)
-        elapsed = time.perf_counter() - started
-        if out is not None:
-            write_report(ranks, out, schema=RANKS_SCHEMA, force=force)
-        if peft_config is not None:
-            write_text(peft_config, json.dumps(to_peft_config(ranks), indent=2) + "\n", force=force)
-        unchanged = ranks.attrs["lowrank_audit"].get("unchanged", [])
-        total = int(ranks["params"].sum())
-        if reporting.as_json:
-            print_json({"policy": rank_policy.describe(), "layers": len(ranks), "params": total, "unchanged": unchanged,
-                        "ranks": str(out) if out else None, "peft_config": str(peft_config) if peft_config else None,
-                        "rows": frame_rows(ranks, JSON_COLUMNS)})  # fmt: skip
-            return
-        if reporting.tables:
-            shown = ranks.head(reporting.top)
-            title = f"LoRA ranks ({rank_policy.describe()}; {len(shown)} of {len(ranks)} layers)"
-            out_console.print(table(shown.to_dict("records"), TABLE, title))
-        mean = f"{ranks['rank'].mean():.1f}" if len(ranks) else "—"
-        text = f"{len(ranks)} layers, {total:,} adapter parameters, mean rank {mean}"
-        text += f"; {len(unchanged)} unchanged matrices left out" if unchanged else ""
-        text += f"; ranks written to {out}" if out is not None else ""
-        text += f"; PEFT config written to {peft_config}" if peft_config is not None else ""
-        line(f"{text} ({elapsed:.2f} s)")
+    inputs = [source] + ([base] if base else [])
+    for path, option in ((out, "--out"), (peft_config, "--peft-config")):
+        if path is not None:
+            check_target(path, inputs, force=force, option=option)
+    started = time.perf_counter()
+    with progress_bar(reporting.progress) as progress:
+        ranks = run_recommend(source, rank_policy, base=base, command=command_line(), progress=progress, **engine)
+    elapsed = time.perf_counter() - started
+    if out is not None:
+        write_report(ranks, out, schema=RANKS_SCHEMA, force=force)
+    if peft_config is not None:
+        write_text(peft_config, json.dumps(to_peft_config(ranks), indent=2) + "\n", force=force)
+    unchanged = ranks.attrs["lowrank_audit"].get("unchanged", [])
+    nonfinite = ranks.attrs["lowrank_audit"].get("nonfinite", {})
+    total = int(ranks["params"].sum())
+    if reporting.as_json:
+        print_json({"policy": rank_policy.describe(), "layers": len(ranks), "params": total, "unchanged": unchanged,
+                    "nonfinite": nonfinite, "ranks": str(out) if out else None, "peft_config": str(peft_config) if peft_config else None,
+                    "rows": frame_rows(ranks, JSON_COLUMNS)})  # fmt: skip
+        return
+    if reporting.tables:
+        shown = ranks.head(reporting.top)
+        title = f"LoRA ranks ({rank_policy.describe()}; {len(shown)} of {len(ranks)} layers)"
+        out_console.print(table(shown.to_dict("records"), TABLE, title))
+    for name, count in nonfinite.items():
+        line(f"[red]non-finite:[/] {name} has {count:,} NaN/Inf entries; no rank")
+    mean = f"{ranks['rank'].mean():.1f}" if len(ranks) else "—"
+    text = f"{len(ranks)} layers, {total:,} adapter parameters, mean rank {mean}"
+    text += f"; {len(unchanged)} unchanged matrices left out" if unchanged else ""
+    text += f"; {len(nonfinite)} non-finite matrices left out" if nonfinite else ""
+    text += f"; ranks written to {out}" if out is not None else ""
+    text += f"; PEFT config written to {peft_config}" if peft_config is not None else ""
+    line(f"{text} ({elapsed:.2f} s)")

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from lowrank_audit.cli.app import command, command_line, user_errors
+from lowrank_audit.cli.app import command, command_line
 from lowrank_audit.cli.options import (
     CheckpointArg,
     ExcludeOpt,
@@ -125,17 +125,16 @@ def spectrum(
 
     Example: lowrank-audit spectrum finetuned.safetensors --base base.safetensors --out r.parquet
     """
-    with user_errors():
-        from lowrank_audit.analyses.spectrum import spectrum_rows
+    from lowrank_audit.analyses.spectrum import spectrum_rows
 
-        def audit(progress: ProgressCallback | None) -> ReportRows:
-            # The table shows no digest: inputs are hashed only for --out and --json.
-            return spectrum_rows(
-                checkpoint, base, include=include or (), exclude=exclude or (), rank_cap=rank_cap,
-                command=command_line(), progress=progress, hashed=out is not None or reporting.as_json, **engine,
-            )  # fmt: skip
+    def audit(progress: ProgressCallback | None) -> ReportRows:
+        # The table shows no digest: inputs are hashed only for --out and --json.
+        return spectrum_rows(
+            checkpoint, base, include=include or (), exclude=exclude or (), rank_cap=rank_cap,
+            command=command_line(), progress=progress, hashed=out is not None or reporting.as_json, **engine,
+        )  # fmt: skip
 
-        report_command(audit, [checkpoint] + ([base] if base else []), out, force=force, reporting=reporting)
+    report_command(audit, [checkpoint] + ([base] if base else []), out, force=force, reporting=reporting)
 
 
 def report_command(

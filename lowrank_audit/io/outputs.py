@@ -6,17 +6,29 @@ Every output goes to a temporary name in its destination folder, is flushed to d
 a file and a failure leaves the old file (or nothing) in place. Temporaries get the mode
 a plain ``open`` would give (0644 files and 0755 folders under umask 022), not the 0600
 of :mod:`tempfile`.
+
+Temporaries are named ``.NAME.lowrank-audit.HOST.PID.tmp`` (``.old`` for a folder being
+replaced). A run killed inside the write window (SIGKILL, power loss) cannot remove its
+own; the next write into the same folder removes those whose process is gone (same host,
+PID no longer running). A write that fails (a full disk, a read-only or forbidden folder)
+raises :class:`~lowrank_audit.errors.OutputError` naming the path and the cause.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lowrank_audit.errors import OptionError
+from lowrank_audit.errors import LowrankAuditError, OptionError, OutputError
+
+# Dots would make the name ambiguous; hosts differ in their first label on a cluster.
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+_TEMPORARY = re.compile(r"^\..+\.lowrank-audit\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.(?:tmp|old)$")
 
 
 def _umask() -> int:
@@ -58,8 +70,67 @@ def check_target(
     return out
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _temporary(path: Path, kind: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.lowrank-audit.{_HOST}.{os.getpid()}.{kind}")
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Remove the temporaries that killed runs on this host left in ``folder``; returns them."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match is None or match["host"] != _HOST or _running(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _cause(exc: BaseException) -> str:
+    """The OS's words for a write failure: "No space left on device", "Read-only file system"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    # safetensors reports I/O failures as text ending in "(os error 28)"
+    code = re.search(r"os error (\d+)", str(exc))
+    return os.strerror(int(code[1])) if code else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failure to write ``path`` (the OS's, or a library's wrapping it) into an OutputError."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except LowrankAuditError:
+        raise
+    except (OSError, SafetensorError) as exc:
+        raise OutputError(f"cannot write {path}: {_cause(exc)}") from exc
+
+
+def _prepare(path: Path) -> None:
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent)
 
 
 def _fsync(path: Path) -> None:
@@ -81,15 +152,16 @@ def atomic_file(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not force:
         raise OptionError(f"{path} exists; use --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _prepare(path)
     tmp = _temporary(path)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
-        _fsync(tmp)
-        if path.exists() and not force:
-            raise OptionError(f"{path} appeared while it was being written; use --force to replace it")
-        os.replace(tmp, path)
+        with _writing(path):
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())
+            _fsync(tmp)
+            if path.exists() and not force:
+                raise OptionError(f"{path} appeared while it was being written; use --force to replace it")
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -107,22 +179,24 @@ def atomic_folder(path: str | Path, *, force: bool = False) -> Iterator[Path]:
         raise OptionError(f"output {path} is a file; --out takes a folder")
     if path.exists() and not force:
         raise OptionError(f"output folder {path} exists; use --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(mode=0o777 & ~_umask())
-    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    _prepare(path)
+    tmp, old = _temporary(path), _temporary(path, "old")
     try:
-        yield tmp
-        for item in tmp.rglob("*"):
-            if item.is_file():
-                os.chmod(item, 0o666 & ~_umask())
-                _fsync(item)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        with _writing(path):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(mode=0o777 & ~_umask())
+            yield tmp
+            for item in tmp.rglob("*"):
+                if item.is_file():
+                    os.chmod(item, 0o666 & ~_umask())
+                    _fsync(item)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
     finally:
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # the new folder never took the name: the old one keeps it
+        shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -134,4 +208,4 @@ def write_text(path: str | Path, text: str, *, force: bool = False) -> Path:
     return path
 
 
-__all__ = ["atomic_file", "atomic_folder", "check_target", "refuse_overwriting_inputs", "write_text"]
+__all__ = ["atomic_file", "atomic_folder", "check_target", "refuse_overwriting_inputs", "remove_stale", "write_text"]
