@@ -74,7 +74,7 @@ def test_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
     torch.save({"w": torch.ones(2, 2), "payload": RunsCode(str(marker))}, path)
-    with pytest.raises(CheckpointError, match=r"evil\.bin: cannot read \.bin checkpoint"):
+    with pytest.raises(CheckpointError, match=r"evil\.bin: refused to unpickle os\.makedirs.*convert it to \.safetensors"):
         open_checkpoint(path)
     assert not marker.exists()
     # Control: an unrestricted unpickler would indeed have run it.
@@ -93,20 +93,20 @@ def test_raw_pickle_file_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        (b"", "header too small"),
-        (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", "invalid JSON"),
-        (b"\xff" * 16, "header too large"),
+        (b"", "shorter than the 8-byte header length"),
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", "not valid JSON"),
+        (b"\xff" * 16, "corrupt safetensors header length"),
     ],
 )
 def test_garbled_safetensors(tmp_path, content, reason):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=rf"bad\.safetensors: cannot read .*{reason}"):
+    with pytest.raises(CheckpointError, match=rf"bad\.safetensors: .*{reason}"):
         open_checkpoint(path)
 
 
 def test_truncated_safetensors(samples):
-    with pytest.raises(CheckpointError, match=r"truncated\.safetensors: .*incomplete metadata"):
+    with pytest.raises(CheckpointError, match=r"truncated\.safetensors: .*truncated file"):
         open_checkpoint(samples / "truncated.safetensors")
 
 
@@ -128,7 +128,7 @@ def test_shard_outside_its_folder_is_refused(samples, tmp_path):
     name = next(n for n, f in index["weight_map"].items() if f.startswith("model-00002"))
     index["weight_map"][name] = "../outside.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"shard '\.\./outside\.safetensors' of tensor '{name}' lies outside"):
+    with pytest.raises(CheckpointError, match=rf"shard '\.\./outside\.safetensors' of tensor '{name}' is not a file name inside"):
         open_checkpoint(folder)
 
 

@@ -68,7 +68,7 @@ def test_missing_file(tmp_path):
 
 
 def test_truncated_and_garbled(samples, tmp_path):
-    assert_one_line_error(invoke("spectrum", samples / "truncated.safetensors"), "truncated.safetensors", "incomplete")
+    assert_one_line_error(invoke("spectrum", samples / "truncated.safetensors"), "truncated.safetensors", "truncated file")
     garbled = tmp_path / "garbled.safetensors"
     garbled.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     assert_one_line_error(invoke("spectrum", garbled, "--out", tmp_path / "r.parquet"), "garbled.safetensors")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 
 from lowrank_audit.errors import CheckpointError
+from lowrank_audit.io import integrity
 
 # safetensors header dtype codes -> torch dtypes (the codes are the format's, not ours).
 _SAFETENSORS_DTYPES = {
@@ -79,6 +81,16 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same dtype, shape and stored bits: a copy of a tensor holding NaN equals it (``torch.equal`` says not)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.int64}[a.element_size()]
+        a, b = a.contiguous().view(view), b.contiguous().view(view)
+    return torch.equal(a, b)
+
+
 def _dtype_name(dtype: torch.dtype | np.dtype | None, fallback: str) -> str:
     if isinstance(dtype, torch.dtype):
         return str(dtype).removeprefix("torch.")
@@ -109,13 +121,11 @@ class _SafetensorsReader(_Reader):
         super().__init__(path)
         from safetensors import safe_open
 
+        for name, entry in integrity.safetensors_header(path).items():
+            dtype = _dtype_name(_SAFETENSORS_DTYPES.get(entry.dtype), entry.dtype.lower())
+            self.infos[name] = TensorInfo(name, entry.shape, dtype, path)
         self._open = lambda: safe_open(str(path), framework="pt")
         self._file: Any = self._open()
-        for name in self._file.keys():  # noqa: SIM118 - a safe_open handle, not a dict
-            sl = self._file.get_slice(name)
-            code = sl.get_dtype()
-            dtype = _dtype_name(_SAFETENSORS_DTYPES.get(code), code.lower())
-            self.infos[name] = TensorInfo(name, tuple(sl.get_shape()), dtype, path)
 
     def read(self, name: str) -> torch.Tensor:
         if self._file is None:
@@ -138,30 +148,59 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, to
             yield from _flatten(value, f"{name}.")
 
 
+def _refused(path: Path, exc: pickle.UnpicklingError, pickled: bytes) -> CheckpointError:
+    """torch's weights_only refusal, as one line: what was refused and what to do."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    found = integrity.pickle_globals(pickled)
+    if named:  # torch drops the module of builtins ("GLOBAL exec")
+        what = next((g for g in found if g == named[1] or g.endswith("." + named[1])), named[1])
+    else:  # refused before reaching a global (an opcode it does not allow): name the first foreign one
+        what = next((g for g in found if not g.startswith(("torch.", "collections.OrderedDict"))), "its contents")
+    return CheckpointError(
+        f"{path}: refused to unpickle {what}: checkpoints load with weights_only=True, which admits tensors and "
+        "plain containers only; if you trust this file, convert it to .safetensors where it was made"
+    )
+
+
 class _TorchReader(_Reader):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        with open(path, "rb") as f:
+            self._zip = f.read(4) == b"PK\x03\x04"
+        self._records: integrity.ZipIntegrity | None = None
+        self._storage_of: dict[str, str] = {}
+        if self._zip:
+            with zipfile.ZipFile(path) as archive:
+                self._records, self._storage_of = integrity.check_torch_zip(path, archive)
+        else:
+            integrity.check_torch_legacy(path)
         self._tensors: dict[str, torch.Tensor] | None = self._load()
         for name, t in self._tensors.items():
             self.infos[name] = TensorInfo(name, tuple(t.shape), _dtype_name(t.dtype, "?"), path)
 
     def _load(self) -> dict[str, torch.Tensor]:
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
             # Files in the legacy (pre-1.6, non-zip) format cannot be memory-mapped.
-            obj = torch.load(self.path, map_location="cpu", weights_only=True)
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=self._zip)
+        except pickle.UnpicklingError as exc:
+            raise _refused(self.path, exc, self._pickle_bytes()) from exc
         if not isinstance(obj, Mapping):
             raise CheckpointError(
                 f"{self.path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
             )
         return dict(_flatten(obj))
 
+    def _pickle_bytes(self) -> bytes:
+        if not self._zip:
+            return self.path.read_bytes()[: 1 << 20]
+        with zipfile.ZipFile(self.path) as archive:
+            return archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+
     def read(self, name: str) -> torch.Tensor:
         if self._tensors is None:
             self._tensors = self._load()
+        if self._records is not None and name in self._storage_of:
+            self._records.verify(self._storage_of[name])  # CRC-32 of the storage, once per record
         return self._tensors[name]
 
     def release(self) -> None:
@@ -171,22 +210,29 @@ class _TorchReader(_Reader):
 class _NpzReader(_Reader):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self._npz = np.load(path, allow_pickle=False)
-        for name in self._npz.files:
-            with self._npz.zip.open(f"{name}.npy") as member:
-                version = np.lib.format.read_magic(member)
-                read_header = (
-                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                )
-                shape, _, dtype = read_header(member)  # the header only, not the data
-            self.infos[name] = TensorInfo(name, tuple(shape), _dtype_name(dtype, dtype.str), path)
+        self._archive = zipfile.ZipFile(path)
+        _, self._members = integrity.npz_members(path, self._archive)
+        for name, m in self._members.items():
+            self.infos[name] = TensorInfo(name, m.shape, _dtype_name(m.dtype, m.dtype.str), path)
 
     def read(self, name: str) -> torch.Tensor:
-        # Each member is decompressed into fresh memory; nothing stays mapped.
-        return torch.from_numpy(np.ascontiguousarray(self._npz[name]))
+        # Each member is inflated into fresh memory of its declared size (checked against the
+        # member's); zipfile checks the CRC-32 on reaching its end. Nothing stays mapped.
+        m = self._members[name]
+        array = np.empty(m.shape[::-1] if m.fortran else m.shape, m.dtype)
+        with self._archive.open(m.record) as member:
+            member.read(m.header)
+            if member.readinto(memoryview(array.reshape(-1)).cast("B")) != array.nbytes:
+                raise CheckpointError(f"{self.path}: array {name!r} is shorter than its header declares")
+            while member.read(1 << 20):  # to the end, where zipfile compares the CRC-32
+                pass
+        array = array.T if m.fortran else array
+        if not m.dtype.isnative:
+            array = array.astype(m.dtype.newbyteorder("="))
+        return torch.from_numpy(np.ascontiguousarray(array))
 
     def close(self) -> None:
-        self._npz.close()
+        self._archive.close()
 
 
 def _open_file(path: Path) -> _Reader:
@@ -198,31 +244,60 @@ def _open_file(path: Path) -> _Reader:
             return _TorchReader(path)
         if suffix == ".npz":
             return _NpzReader(path)
+    except CheckpointError:
+        raise
     except _UNREADABLE as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot read {suffix} checkpoint: {reason}") from exc
+        raise CheckpointError(f"{path}: cannot read {suffix} checkpoint: {_reason(exc)}") from exc
     raise CheckpointError(
         f"{path}: unknown checkpoint format {suffix or '(no suffix)'!r}; "
         "expected .safetensors, .bin, .pt, .pth, .npz or a model folder"
     )
 
 
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _shard_paths(index: Path) -> dict[str, Path]:
-    """``name -> shard file`` from a Hugging Face index; shards must stay inside its folder."""
+    """``name -> shard file`` from a Hugging Face index. Shard names are relative paths inside
+    the index's folder (no absolute paths, no ``..``); symlinks among them are followed, as
+    in the Hugging Face cache, whose snapshot folders link each file into ``blobs/``."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        text = index.read_text()
+    except OSError as exc:
+        raise CheckpointError(f"{index}: cannot read shard index: {exc.strerror or exc}") from exc
+    try:
+        weight_map = json.loads(text, object_pairs_hook=_no_duplicates(index))["weight_map"]
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
-            f"{index}: not a valid shard index (need a JSON object with 'weight_map'): {exc}"
+            f"{index}: not a valid shard index (need a JSON object with 'weight_map'): {_reason(exc)}"
         ) from exc
-    folder = index.parent.resolve()
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: 'weight_map' is not an object of tensor names to shard files")
     out = {}
     for name, shard in weight_map.items():
-        target = (folder / str(shard)).resolve()
-        if not target.is_relative_to(folder):
-            raise CheckpointError(f"{index}: shard {shard!r} of tensor {name!r} lies outside {folder}")
-        out[name] = target
+        relative = PurePosixPath(shard) if isinstance(shard, str) else None
+        if relative is None or not shard or relative.is_absolute() or ".." in relative.parts or "\\" in shard:
+            raise CheckpointError(
+                f"{index}: shard {shard!r} of tensor {name!r} is not a file name inside {index.parent}"
+            )
+        out[name] = index.parent / relative
     return out
+
+
+def _no_duplicates(path: Path):  # noqa: ANN202 - a json object_pairs_hook
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{path}: {key!r} appears twice")
+            out[key] = value
+        return out
+
+    return hook
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):
@@ -253,8 +328,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         reader = self._owner[name]
         try:
             return reader.read(name)
+        except CheckpointError:
+            raise
         except _UNREADABLE as exc:
-            raise CheckpointError(f"{reader.path}: cannot read tensor {name!r}: {exc}") from exc
+            raise CheckpointError(f"{reader.path}: cannot read tensor {name!r}: {_reason(exc)}") from exc
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._infos)
@@ -314,7 +391,18 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     entry = _resolve_folder(path) if path.is_dir() else path
     if entry.name.endswith(".index.json"):
         shards = _shard_paths(entry)
-        readers = {p: _open_file(p) for p in sorted(set(shards.values()))}
+        readers = {}
+        for shard in sorted(set(shards.values())):
+            if not shard.is_file():
+                first = next(n for n, s in shards.items() if s == shard)
+                raise CheckpointError(f"{entry}: shard {shard} (of tensor {first!r}) is missing")
+            readers[shard] = _open_file(shard)
+        holders: dict[str, Path] = {}
+        for shard, reader in readers.items():
+            for name in reader.infos:
+                if name in holders:
+                    raise CheckpointError(f"tensor {name!r} is stored in two shards: {holders[name]} and {shard}")
+                holders[name] = shard
         for name, shard in shards.items():
             if name not in readers[shard].infos:
                 raise CheckpointError(f"{entry}: tensor {name!r} is listed in the index but missing from {shard}")
@@ -324,4 +412,4 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, [reader], dict.fromkeys(reader.infos, reader))
 
 
-__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]
+__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "same_bits"]

@@ -1,0 +1,467 @@
+"""Integrity checks run on a checkpoint's bytes before any parser trusts them.
+
+A file that comes from anywhere may be truncated, bit-flipped or crafted. The parsers we
+hand it to check less than we need: torch does not verify a zip's CRC-32 and maps a storage
+record shorter than its tensor by reading past its end; safetensors accepts some
+inconsistent headers; NumPy allocates whatever an ``.npy`` header declares. So each format's
+structure is checked here first, against the size of the file, and any inconsistency is a
+:class:`~lowrank_audit.errors.CheckpointError` naming the file and the tensor or record:
+
+- **safetensors**: the header's length (at most 100 MB, inside the file), its JSON (no
+  duplicate names), every dtype and shape, and the byte ranges, which must tile the data
+  section exactly (no overlap, no gap, no byte past the end).
+- **zip archives** (torch ``.pt/.bin/.pth``, ``.npz``): each record's local header and data
+  lie inside the file; a stored record's size is its compressed size; CRC-32 of data
+  records when they are read (:meth:`ZipIntegrity.verify`).
+- **torch pickles**: ``data.pkl`` is walked by an unpickler that imports nothing and calls
+  nothing (every global becomes an inert stub), which lists each storage (its record, type
+  and declared length) and each tensor's extent; every storage must fit its record and every
+  tensor its storage. The legacy (pre-zip) format's storages must fit in the file.
+- **npz**: no object arrays; each array's declared size fits its member.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from lowrank_audit.errors import CheckpointError
+
+# safetensors' own cap on the header (its MAX_HEADER_SIZE); larger is a corrupt length field.
+MAX_HEADER = 100_000_000
+# Bytes per element of every safetensors dtype code (the format's, not ours).
+SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+# deflate cannot expand more than about 1032:1; a member claiming more lies about its size.
+MAX_DEFLATE_RATIO = 1032
+_CHUNK = 1 << 24
+
+
+def _fail(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:80] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------- safetensors
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    dtype: str  # the format's code: "F32", "BF16", ...
+    shape: tuple[int, ...]
+    begin: int  # byte range inside the data section
+    end: int
+
+
+def _unique_keys(path: Path, what: str):  # noqa: ANN202 - a json object_pairs_hook
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise _fail(path, f"{what} names {key!r} twice")
+            seen[key] = value
+        return seen
+
+    return hook
+
+
+def safetensors_header(path: Path) -> dict[str, SafetensorsEntry]:
+    """The tensors a ``.safetensors`` file declares, after checking its structure.
+
+    Raises:
+        CheckpointError: The header length, JSON, a dtype, a shape or a byte range is wrong.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(path, f"not a safetensors file: {size} bytes, shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER or 8 + length > size:
+            raise _fail(path, f"corrupt safetensors header length {length} (file has {size} bytes)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw, object_pairs_hook=_unique_keys(path, "the safetensors header"))
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise _fail(path, f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "safetensors header is not a JSON object")
+    data = size - 8 - length
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise _fail(path, "safetensors __metadata__ is not a map of strings")
+            continue
+        entries[name] = _entry(path, name, entry, data)
+    spans = sorted((e.begin, e.end, name) for name, e in entries.items())
+    at, previous = 0, None
+    for begin, end, name in spans:
+        if begin < at:
+            raise _fail(path, f"tensors {previous!r} and {name!r} overlap (bytes {begin}..{at} of the data)")
+        if begin > at:
+            raise _fail(path, f"bytes {at}..{begin} of the data belong to no tensor (before {name!r})")
+        at, previous = end, name
+    if at != data:
+        raise _fail(path, f"the data section has {data} bytes but its tensors cover {at}")
+    return entries
+
+
+def _entry(path: Path, name: str, entry: Any, data: int) -> SafetensorsEntry:
+    where = f"tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise _fail(path, f"{where}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SAFETENSORS_ITEMSIZE:
+        raise _fail(path, f"{where}: unknown or unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise _fail(path, f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        raise _fail(path, f"{where}: data_offsets {offsets!r} is not a pair of integers")
+    if not 0 <= offsets[0] <= offsets[1]:
+        raise _fail(path, f"{where}: data_offsets {offsets!r} do not make a byte range")
+    if offsets[1] > data:
+        raise _fail(path, f"{where}: ends at byte {offsets[1]} of a {data}-byte data section (truncated file?)")
+    nbytes = math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != nbytes:
+        raise _fail(path, f"{where}: {offsets[1] - offsets[0]} bytes stored for shape {shape} {dtype} ({nbytes} bytes)")
+    return SafetensorsEntry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+# ------------------------------------------------------------------------------------------------ zip
+
+_LOCAL = struct.Struct("<4s5H3I2H")  # local file header, 30 bytes
+
+
+@dataclass
+class ZipIntegrity:
+    """The records of a zip archive, their data located and bounded; CRCs checked on demand."""
+
+    path: Path
+    records: dict[str, zipfile.ZipInfo]
+    starts: dict[str, int]  # where each record's data begins in the file
+    verified: set[str] = field(default_factory=set)
+
+    @classmethod
+    def open(cls, path: Path, archive: zipfile.ZipFile) -> ZipIntegrity:
+        """Locate every record's data and check it lies inside the file, with a plausible size."""
+        size = path.stat().st_size
+        records, starts = {}, {}
+        with open(path, "rb") as f:
+            for info in archive.infolist():
+                where = f"zip record {info.filename!r}"
+                if info.filename in records:
+                    raise _fail(path, f"{where} appears twice in the zip directory")
+                f.seek(info.header_offset)
+                local = f.read(_LOCAL.size)
+                if len(local) < _LOCAL.size or local[:4] != b"PK\x03\x04":
+                    raise _fail(path, f"{where}: no local header at byte {info.header_offset}")
+                fields = _LOCAL.unpack(local)
+                start = info.header_offset + _LOCAL.size + fields[-2] + fields[-1]
+                stored = info.compress_type == zipfile.ZIP_STORED
+                if start + info.compress_size > size:
+                    raise _fail(path, f"{where}: its {info.compress_size} bytes run past the end of the file")
+                if stored and info.file_size != info.compress_size:
+                    raise _fail(path, f"{where}: stored with {info.compress_size} bytes but declares {info.file_size}")
+                if not stored and info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 1024:
+                    raise _fail(path, f"{where}: declares {info.file_size} bytes from {info.compress_size} compressed")
+                records[info.filename], starts[info.filename] = info, start
+        return cls(path, records, starts)
+
+    def verify(self, name: str, archive: zipfile.ZipFile | None = None) -> None:
+        """Check a record's CRC-32 (once); stored records are read raw, in 16 MiB chunks."""
+        if name in self.verified:
+            return
+        info = self.records[name]
+        crc = 0
+        if info.compress_type == zipfile.ZIP_STORED:
+            with open(self.path, "rb") as f:
+                f.seek(self.starts[name])
+                left = info.compress_size
+                while left:
+                    chunk = f.read(min(left, _CHUNK))
+                    if not chunk:
+                        break
+                    crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+        else:
+            assert archive is not None, "compressed records are checked through the archive"
+            with archive.open(info) as member:  # zipfile checks CRC and size of what it inflates
+                try:
+                    while member.read(_CHUNK):
+                        pass
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    raise _fail(self.path, f"zip record {name!r} is corrupt: {exc}") from None
+                crc = info.CRC
+        if crc != info.CRC:
+            raise _fail(
+                self.path, f"zip record {name!r} is corrupt: CRC-32 {crc:08x}, the directory says {info.CRC:08x}"
+            )
+        self.verified.add(name)
+
+
+# ------------------------------------------------------------------------------------- torch pickles
+
+
+class _Stub:
+    """What every global becomes: inert, it accepts any arguments and any state."""
+
+    qualname = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.items: dict[Any, Any] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # OrderedDict's SETITEMS
+        self.items[key] = value
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    key: str
+    itemsize: int  # of the storage's own type (1 for UntypedStorage: numel counts bytes)
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    storage: StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    itemsize: int
+
+
+def _dtype_sizes() -> dict[str, int]:
+    import torch
+    from torch.storage import _dtype_to_storage_type_map
+
+    sizes = {name: dtype.itemsize for dtype, name in _dtype_to_storage_type_map().items()}
+    sizes["UntypedStorage"] = 1
+    dtypes = {str(d).removeprefix("torch."): d.itemsize for d in vars(torch).values() if isinstance(d, torch.dtype)}
+    return sizes | {f"dtype:{k}": v for k, v in dtypes.items()}
+
+
+class _InertUnpickler(pickle.Unpickler):
+    """Unpickles structure only: globals are stubs, so nothing is imported or run."""
+
+    def __init__(self, file: BinaryIO, path: Path, sizes: dict[str, int]) -> None:
+        super().__init__(file)
+        self.path, self.sizes = path, sizes
+        self.storages: dict[str, StorageRef] = {}
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(name, (_Stub,), {"qualname": f"{module}.{name}"})
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise _fail(self.path, f"unexpected persistent id in the pickle: {str(pid)[:80]}")
+        kind, key, numel = pid[1], pid[2], pid[4]
+        name = getattr(kind, "qualname", "?").rsplit(".", 1)[-1]
+        if name not in self.sizes or not isinstance(key, str) or type(numel) is not int or numel < 0:
+            raise _fail(self.path, f"storage {str(key)[:40]!r} has an unknown type or size ({name}, {numel!r})")
+        ref = StorageRef(key, self.sizes[name], numel)
+        if self.storages.setdefault(key, ref) != ref:
+            raise _fail(self.path, f"storage {key!r} is declared twice with different sizes")
+        return ref
+
+
+_REBUILDS = {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3"}
+_WRAPPERS = {"torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"}
+
+
+def _tensor(path: Path, name: str, stub: _Stub, sizes: dict[str, int]) -> TensorRef | None:
+    if stub.qualname in _WRAPPERS and stub.args and isinstance(stub.args[0], _Stub):
+        return _tensor(path, name, stub.args[0], sizes)
+    if stub.qualname not in _REBUILDS:
+        return None
+    args = stub.args
+    storage, offset, shape, stride = (args + (None,) * 4)[:4]
+    ints = lambda v: isinstance(v, tuple) and all(type(i) is int and i >= 0 for i in v)  # noqa: E731
+    if not isinstance(storage, StorageRef) or type(offset) is not int or offset < 0 or not ints(shape):
+        raise _fail(path, f"tensor {name!r}: malformed record in the pickle")
+    if not ints(stride) or len(stride) != len(shape):
+        raise _fail(path, f"tensor {name!r}: malformed strides in the pickle")
+    itemsize = storage.itemsize
+    if stub.qualname.endswith("_v3"):
+        dtype = args[6] if len(args) > 6 else None
+        itemsize = sizes.get(f"dtype:{getattr(dtype, 'qualname', '?').rsplit('.', 1)[-1]}", 0)
+        if not itemsize:
+            raise _fail(path, f"tensor {name!r}: unknown dtype in the pickle")
+    return TensorRef(storage, offset, tuple(shape), tuple(stride), itemsize)
+
+
+def _walk(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    items = obj.items() if isinstance(obj, Mapping) else obj.items.items() if isinstance(obj, _Stub) else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, _Stub) and (value.qualname in _REBUILDS or value.qualname in _WRAPPERS):
+            yield name, value
+        elif isinstance(value, (Mapping, _Stub)):
+            yield from _walk(value, f"{name}.")
+
+
+def scan_pickle(path: Path, data: BinaryIO) -> tuple[dict[str, StorageRef], dict[str, TensorRef]]:
+    """Storages and tensors a torch pickle declares, without importing or running anything.
+
+    Raises:
+        CheckpointError: The pickle is malformed, or a tensor reaches past its storage.
+    """
+    sizes = _dtype_sizes()
+    unpickler = _InertUnpickler(data, path, sizes)
+    try:
+        root = unpickler.load()
+    except CheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            RecursionError, MemoryError, struct.error, UnicodeDecodeError) as exc:  # fmt: skip
+        raise _fail(path, f"the pickle is malformed ({type(exc).__name__}: {str(exc)[:80]})") from None
+    tensors = {}
+    for name, stub in _walk(root):
+        ref = _tensor(path, name, stub, sizes)
+        if ref is None:
+            continue
+        span = (
+            0
+            if 0 in ref.shape
+            else (ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride, strict=True)) + 1)
+        )
+        if span * ref.itemsize > ref.storage.numel * ref.storage.itemsize:
+            raise _fail(
+                path,
+                f"tensor {name!r} of shape {list(ref.shape)} reaches byte {span * ref.itemsize} of storage "
+                f"{ref.storage.key!r}, which holds {ref.storage.numel * ref.storage.itemsize}",
+            )
+        tensors[name] = ref
+    return unpickler.storages, tensors
+
+
+def pickle_globals(data: bytes) -> list[str]:
+    """``module.name`` of every global a pickle refers to, read from its opcodes (nothing is
+    run); Python 2 module names (``__builtin__``) are given their Python 3 names, as unpickling does."""
+    import pickletools
+    from _compat_pickle import IMPORT_MAPPING
+
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                module, _, name = str(arg).partition(" ")
+                found.append(f"{IMPORT_MAPPING.get(module, module)}.{name}")
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001, S110 - a damaged tail: what was read so far is the answer
+        pass
+    return found
+
+
+def check_torch_zip(path: Path, archive: zipfile.ZipFile) -> tuple[ZipIntegrity, dict[str, str]]:
+    """A zip-format torch checkpoint: records bounded, ``data.pkl`` verified and scanned,
+    every storage's record present and long enough.
+
+    Returns:
+        The archive's records, and ``tensor name -> storage record`` for CRC checks on read.
+    """
+    records = ZipIntegrity.open(path, archive)
+    pickles = [n for n in records.records if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise _fail(path, "not a torch zip checkpoint: no single <prefix>/data.pkl record")
+    pkl = pickles[0]
+    records.verify(pkl, archive)
+    prefix = pkl.removesuffix("data.pkl")
+    storages, tensors = scan_pickle(path, io.BytesIO(archive.read(pkl)))
+    for key, ref in storages.items():
+        record = f"{prefix}data/{key}"
+        if record not in records.records:
+            raise _fail(path, f"storage record {record!r} is missing from the archive")
+        have, need = records.records[record].file_size, ref.numel * ref.itemsize
+        if have < need:
+            raise _fail(path, f"zip record {record!r} holds {have} bytes but its storage declares {need}")
+    return records, {name: f"{prefix}data/{ref.storage.key}" for name, ref in tensors.items()}
+
+
+def check_torch_legacy(path: Path) -> None:
+    """A legacy (pre-1.6) torch file: its pickles well formed and their storages within the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        try:
+            for _ in range(3):  # magic number, protocol version, system info
+                _InertUnpickler(f, path, {}).load()
+        except Exception:  # noqa: BLE001 - not a legacy torch file; torch.load says what it is
+            return
+        storages, _ = scan_pickle(path, f)
+        declared = sum(ref.numel * ref.itemsize for ref in storages.values())
+        if declared > size - f.tell():
+            raise _fail(path, f"its storages declare {declared} bytes but only {size - f.tell()} follow the pickle")
+
+
+# ---------------------------------------------------------------------------------------------- npz
+
+
+@dataclass(frozen=True)
+class NpyMember:
+    record: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    header: int  # bytes of magic and header before the data
+
+
+def npz_members(path: Path, archive: zipfile.ZipFile) -> tuple[ZipIntegrity, dict[str, NpyMember]]:
+    """The arrays of an ``.npz``, their headers read and their sizes checked against the members."""
+    records = ZipIntegrity.open(path, archive)
+    out = {}
+    for record, info in records.records.items():
+        name = record.removesuffix(".npy")
+        where = f"array {name!r}"
+        try:
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(member, max_header_size=1 << 20)
+                header = member.tell()
+        except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, OSError, SyntaxError) as exc:
+            raise _fail(path, f"{where}: unreadable .npy header ({_first_line(exc)})") from None
+        if dtype.hasobject:
+            raise _fail(path, f"{where} holds Python objects (dtype {dtype.str}); such arrays are never unpickled")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if header + nbytes > info.file_size:
+            held = info.file_size - header
+            raise _fail(path, f"{where}: declares {list(shape)} {dtype} ({nbytes} bytes) but its member holds {held}")
+        out[name] = NpyMember(record, tuple(shape), dtype, fortran, header)
+    return records, out
+
+
+__all__ = ["MAX_HEADER", "NpyMember", "SafetensorsEntry", "ZipIntegrity", "check_torch_legacy", "check_torch_zip",
+           "npz_members", "pickle_globals", "safetensors_header", "scan_pickle"]  # fmt: skip
