@@ -52,14 +52,14 @@ from lowrank_audit.analyses.verification import (
 )
 from lowrank_audit.engine.batches import ProgressCallback
 from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
-from lowrank_audit.engine.decompose import Factors, factors, spectra
+from lowrank_audit.engine.decompose import Factors, factors, nonfinite_refusal, spectra
 from lowrank_audit.engine.needs import Need, RankNeed
 from lowrank_audit.engine.sources import CheckpointSource, MatrixSource
 from lowrank_audit.errors import LowrankAuditError, OptionError, VerificationError
 from lowrank_audit.formats import lowrank, peft
 from lowrank_audit.formats.peft import Plan, module_of
 from lowrank_audit.formats.report import build_frame, schema_of, write_report
-from lowrank_audit.io.checkpoint import Checkpoint, open_checkpoint
+from lowrank_audit.io.checkpoint import Checkpoint, open_checkpoint, same_bits
 from lowrank_audit.io.outputs import atomic_folder, check_target
 from lowrank_audit.io.provenance import file_digest, hashing_inputs, provenance
 from lowrank_audit.io.selection import select_matrices
@@ -110,7 +110,7 @@ def _need(
     layers: dict[str, LayerSpectrum] = {}
     for result in spectra(source, config, progress=progress):
         if result.singular_values is None:
-            raise LowrankAuditError(f"{source.path}: tensor {result.spec.name!r} has NaN/Inf entries, not factorized")
+            raise LowrankAuditError(f"{source.path}: {nonfinite_refusal(result.spec.name, result.nonfinite)}")
         spec = result.spec
         layers[spec.name] = LayerSpectrum(spec.name, spec.rows, spec.cols, result.singular_values, result.energy)
     ordered = [layers[s.name] for s in plan.specs]
@@ -318,7 +318,7 @@ def _write_factorized(
             w = exact_update(spec.name, ckpt, None)
             energy = squared_norm(w)
             if spec.name in dense:
-                if not torch.equal(written.get_tensor(spec.name), ckpt[spec.name]):
+                if not same_bits(written.get_tensor(spec.name), ckpt[spec.name]):
                     raise VerificationError(f"tensor {spec.name!r} differs from {ckpt.path}")
                 values = {"params_after": w.numel(), "energy_kept": 1.0, "relative_error": 0.0}
                 rows.append(tensor_row(spec.name, "dense", list(w.shape), **values, update_share=energy))
@@ -330,7 +330,7 @@ def _write_factorized(
             values |= {"rank": rank, "params_after": rank * (spec.rows + spec.cols)}
             rows.append(tensor_row(spec.name, "factorized", list(w.shape), **values, update_share=energy))
         for name in ckpt:
-            if name not in made and name not in dense and not torch.equal(written.get_tensor(name), ckpt[name]):
+            if name not in made and name not in dense and not same_bits(written.get_tensor(name), ckpt[name]):
                 raise VerificationError(f"tensor {name!r} differs from {ckpt.path}")
     return rows
 

@@ -33,15 +33,30 @@ RANKS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
 RANKS_SCHEMA = schema_of(RANKS_COLUMNS)
 
 
+def lora_targets(report: pd.DataFrame) -> pd.Series:
+    """Rows of a spectrum report that a LoRA adapter can target: linear and convolution
+    weights (a conv kernel as its out x in*kh*kw matrix, as PEFT's conv LoRA factors it),
+    not the experts of a stacked 3-D tensor."""
+    return report["expert"].isna()
+
+
+def nonfinite_targets(report: pd.DataFrame) -> dict[str, int]:
+    """LoRA targets that hold NaN/Inf, with their counts: they get no rank."""
+    bad = report[lora_targets(report) & (report["nonfinite"] > 0)]
+    return {str(n): int(c) for n, c in zip(bad["name"], bad["nonfinite"], strict=True)}
+
+
 def layers_from_report(report: pd.DataFrame) -> list[LayerSpectrum]:
-    """The 2-D matrices of a spectrum report (experts and non-finite rows are not LoRA targets).
+    """The finite LoRA targets of a spectrum report (:func:`lora_targets`).
 
     Raises:
         OptionError: The report holds no such matrix.
     """
-    rows = report[report["expert"].isna() & (report["method"] != "skipped") & (report["shape"].map(len) == 2)]
+    rows = report[lora_targets(report) & (report["method"] != "skipped")]
     if rows.empty:
-        raise OptionError("the report holds no finite 2-D matrix to recommend a rank for")
+        bad = nonfinite_targets(report)
+        why = f" (NaN/Inf in {', '.join(bad)})" if bad else ""
+        raise OptionError(f"the report holds no finite matrix to recommend a rank for{why}")
     energies = rows["frobenius_norm"].astype(float) ** 2
     floors = rows["precision_floor"].astype(float).fillna(0.0) * energies  # null in reports of earlier versions
     return [
@@ -65,8 +80,9 @@ def recommend(
 
     Returns:
         A frame with :data:`RANKS_COLUMNS`, one row per matrix with a nonzero update;
-        ``attrs["lowrank_audit"]`` holds the policy, the spectrum's provenance and, under
-        ``unchanged``, the names of the matrices left out because they did not change.
+        ``attrs["lowrank_audit"]`` holds the policy, the spectrum's provenance, under
+        ``unchanged`` the names of the matrices left out because they did not change, and
+        under ``nonfinite`` those left out because they hold NaN/Inf (name -> count).
 
     Raises:
         OptionError: ``base`` with a report; a report with no 2-D matrix; a truncated
@@ -91,6 +107,7 @@ def recommend(
         "policy": policy.describe(),
         "spectrum": report.attrs.get("lowrank_audit", {}),
         "unchanged": [layer.name for layer in layers if layer.energy == 0],
+        "nonfinite": nonfinite_targets(report),
     }
     return build_frame(rows, meta, schema=RANKS_SCHEMA)
 
@@ -100,4 +117,5 @@ def peft_config(ranks: pd.DataFrame) -> dict[str, Any]:
     return peft.lora_config(dict(zip(ranks["module"], (int(r) for r in ranks["rank"]), strict=True)))
 
 
-__all__ = ["RANKS_COLUMNS", "RANKS_SCHEMA", "layers_from_report", "peft_config", "recommend"]
+__all__ = ["RANKS_COLUMNS", "RANKS_SCHEMA", "layers_from_report", "lora_targets", "nonfinite_targets", "peft_config",
+           "recommend"]  # fmt: skip

@@ -22,7 +22,7 @@ from lowrank_audit.engine.decompose import Factors
 from lowrank_audit.errors import VerificationError
 from lowrank_audit.formats import peft
 from lowrank_audit.formats.peft import Plan, module_of
-from lowrank_audit.io.checkpoint import Checkpoint
+from lowrank_audit.io.checkpoint import Checkpoint, same_bits
 
 T = TypeVar("T")
 
@@ -100,11 +100,11 @@ def verify_adapter(
                 got = adapter.get_tensor(peft.lora_bias_name(module)).double()
                 values = stored_values(got, delta) | {"params_after": delta.numel()}
             elif treatment == "folded_bias":
-                if not torch.equal(adapter.get_tensor(peft.folded_bias_name(module)), ckpt[name]):
+                if not same_bits(adapter.get_tensor(peft.folded_bias_name(module)), ckpt[name]):
                     raise VerificationError(f"saved bias {name!r} differs from {ckpt.path}")
                 values = {"params_after": delta.numel(), "energy_kept": 1.0, "relative_error": 0.0}
             elif treatment == "modules_to_save":
-                if not torch.equal(adapter.get_tensor(peft.saved_name(name)), ckpt[name]):
+                if not same_bits(adapter.get_tensor(peft.saved_name(name)), ckpt[name]):
                     raise VerificationError(f"saved tensor {name!r} differs from {ckpt.path}")
                 values = {"params_after": delta.numel(), "energy_kept": 1.0, "relative_error": 0.0}
             else:  # left_out

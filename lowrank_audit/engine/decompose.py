@@ -43,6 +43,12 @@ class MatrixResult:
     tail: Tail | None = None  # what a randomized sketch proves about the values not computed
 
 
+def nonfinite_refusal(name: str, count: int | None = None) -> str:
+    """Why a matrix with NaN/Inf is not factorized, and the way past it (compress and its budget pass)."""
+    held = f"{count:,} NaN/Inf entries" if count else "NaN/Inf entries"
+    return f"tensor {name!r} has {held}, so it cannot be factorized; repair it, or leave it out with --exclude {name!r}"
+
+
 def _seed(seed: int, spec: MatrixSpec, index: int) -> int:
     # Per-matrix seeds from the run's seed and the matrix's identity, stable across runs
     # and batch plans (zlib.crc32 is deterministic, unlike hash()).
@@ -146,9 +152,7 @@ def factors(
     for batch in stream(source, config, progress=progress, stage="factors"):
         for (spec, _), bad in zip(batch.identities, batch.nonfinite, strict=True):
             if bad:
-                raise LowrankAuditError(
-                    f"{source.path}: tensor {spec.name!r} has {bad} NaN/Inf entries, not factorized"
-                )
+                raise LowrankAuditError(f"{source.path}: {nonfinite_refusal(spec.name, bad)}")
         found = _decompose(batch, list(range(len(batch.identities))), need, config, vectors=True)
         batch.stack = None
         for (spec, j), t in zip(batch.identities, found, strict=True):
@@ -158,4 +162,4 @@ def factors(
                           vh.cpu().clone(), t.method)  # fmt: skip
 
 
-__all__ = ["Factors", "MatrixResult", "factors", "spectra"]
+__all__ = ["Factors", "MatrixResult", "factors", "nonfinite_refusal", "spectra"]

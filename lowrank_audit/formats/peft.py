@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 
 from lowrank_audit.errors import CheckpointError, OptionError
-from lowrank_audit.io.checkpoint import Checkpoint
+from lowrank_audit.io.checkpoint import Checkpoint, same_bits
 from lowrank_audit.io.selection import MatrixSpec, select_matrices, wanted
 
 PREFIX = "base_model.model."
@@ -125,7 +125,7 @@ def plan_adapter(
         by_module[module_of(name)[0]].append(name)
     treatment: dict[str, str] = {}
     for module, names in sorted(by_module.items()):
-        changed = [n for n in names if not torch.equal(ckpt[n], base[n])]
+        changed = [n for n in names if not same_bits(ckpt[n], base[n])]
         if changed:
             skipped = {n for n in changed if not wanted(n, include, exclude)}
             kind = _module_kind(module, changed, skipped, matrices, embeddings=embeddings, serving_safe=serving_safe)
