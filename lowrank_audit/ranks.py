@@ -70,7 +70,7 @@ class RankPolicy:
         if len(chosen) > 1:
             raise OptionError(f"{' and '.join(chosen)} conflict: choose ranks one way")
         if energy is not None and not 0 < energy <= 1:
-            raise OptionError(f"energy must be in (0, 1] but got {energy}")
+            raise OptionError(f"--energy must be in (0, 1] but got {energy}")
         for flag, value in (("--rank", rank), ("--budget-params", budget_params), ("--round-to", round_to)):
             if value is not None and value < 1:
                 raise OptionError(f"{flag} must be a positive integer but got {value}")

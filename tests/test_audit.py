@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pandas as pd
 import pytest
+from safetensors import safe_open
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -94,7 +95,13 @@ def test_synthetic_known_answers(samples):
     assert experts["expert"].tolist() == [0, 1, 2, 3] and (experts["rows"] == 32).all()
     conv = frame[frame["name"] == "conv.weight"].iloc[0]
     assert (conv["rows"], conv["cols"], conv["shape"].tolist()) == (16, 72, [16, 8, 3, 3])
-    assert set(frame.attrs["lowrank_audit"]["skipped"]) == {"norm.weight", "row.weight", "token_ids"}
+    assert set(frame.attrs["lowrank_audit"]["skipped"]) == {"norm.weight", "token_ids"}
+    # A 1 x n matrix has one singular value, its norm.
+    row = frame[frame["name"] == "row.weight"].iloc[0]
+    with safe_open(str(samples / "synthetic.safetensors"), "pt") as f:
+        norm = float(f.get_tensor("row.weight").double().norm())
+    assert len(row["singular_values"]) == 1 and row["singular_values"][0] == pytest.approx(norm, rel=1e-6)
+    assert (row["k90"], row["k95"], row["k99"], row["stable_rank"]) == (1, 1, 1, pytest.approx(1.0))
 
 
 def test_bf16_checkpoint_is_upcast_exactly(samples):

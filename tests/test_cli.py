@@ -48,10 +48,10 @@ def test_json_summary_is_machine_readable(samples):
     result = invoke("spectrum", samples / "synthetic.safetensors", "--json")
     assert result.exit_code == 0
     summary = json.loads(result.stdout)
-    assert summary["matrices"] == 7 and summary["report"] is None
+    assert summary["matrices"] == 8 and summary["report"] is None
     rows = {(r["name"], r["expert"]): r for r in summary["rows"]}
     assert rows[("noisy_rank4.weight", None)]["k95"] == 3 and rows[("experts.weight", 2)]["rows"] == 32
-    assert set(summary["skipped"]) == {"norm.weight", "row.weight", "token_ids"}
+    assert set(summary["skipped"]) == {"norm.weight", "token_ids"}
 
 
 def test_include_exclude_and_top(samples):
@@ -253,3 +253,17 @@ def test_capture_on_an_empty_batch_file_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().startswith("Error: empty.safetensors:") and "\n" not in result.stderr.strip()
     assert not (tmp_path / "acts.safetensors").exists()
+
+
+def test_recommend_takes_the_conv_kernels_spectrum_audits(tmp_path):
+    """A conv kernel is audited as out x (in*kh*kw), the matrix PEFT's conv LoRA factors: it gets a rank."""
+    gen = torch.Generator().manual_seed(3)
+    u, v = torch.randn(16, 2, generator=gen), torch.randn(2, 72, generator=gen)
+    ckpt = tmp_path / "conv.safetensors"
+    save_file({"conv.weight": (u @ v).reshape(16, 8, 3, 3).contiguous()}, ckpt)
+    assert invoke("spectrum", ckpt).exit_code == 0
+    result = invoke("recommend", ckpt, "--energy", "0.99", "--json", "--peft-config", str(tmp_path / "c.json"))
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["rows"]
+    assert (row["name"], row["rows"], row["cols"], row["rank"]) == ("conv.weight", 16, 72, 2)
+    assert json.loads((tmp_path / "c.json").read_text())["target_modules"] == ["conv"]

@@ -42,10 +42,10 @@ def test_synthetic_selection_and_skip_reasons(samples):
         ("exact_rank4.weight", 1, 96, 64),
         ("experts.weight", 4, 32, 24),
         ("noisy_rank4.weight", 1, 96, 64),
+        ("row.weight", 1, 1, 64),  # one singular value: its norm
     ]
     assert sel.skipped == {
         "norm.weight": "1-D",
-        "row.weight": "matrix 1x64 has a side below 2",
         "token_ids": "not floating point (int64)",
     }
     assert all(s.kind == "weight" for s in sel.specs)

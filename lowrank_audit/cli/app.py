@@ -158,4 +158,4 @@ def _root(
 ) -> None:
     """Spectral audits of neural-network checkpoints."""
     global debug
-    debug = debug or show_traceback
+    debug = show_traceback or bool(os.environ.get("LOWRANK_AUDIT_DEBUG"))

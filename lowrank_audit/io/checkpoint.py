@@ -151,15 +151,7 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, to
 def _refused(path: Path, exc: pickle.UnpicklingError, pickled: bytes) -> CheckpointError:
     """torch's weights_only refusal, as one line: what was refused and what to do."""
     named = re.search(r"GLOBAL ([\w.]+)", str(exc))
-    found = integrity.pickle_globals(pickled)
-    if named:  # torch drops the module of builtins ("GLOBAL exec")
-        what = next((g for g in found if g == named[1] or g.endswith("." + named[1])), named[1])
-    else:  # refused before reaching a global (an opcode it does not allow): name the first foreign one
-        what = next((g for g in found if not g.startswith(("torch.", "collections.OrderedDict"))), "its contents")
-    return CheckpointError(
-        f"{path}: refused to unpickle {what}: checkpoints load with weights_only=True, which admits tensors and "
-        "plain containers only; if you trust this file, convert it to .safetensors where it was made"
-    )
+    return integrity.refusal(path, named[1] if named else None, pickled)
 
 
 class _TorchReader(_Reader):
@@ -184,6 +176,8 @@ class _TorchReader(_Reader):
             obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=self._zip)
         except pickle.UnpicklingError as exc:
             raise _refused(self.path, exc, self._pickle_bytes()) from exc
+        except Exception as exc:  # noqa: BLE001 - torch's parser on a damaged file raises IndexError, AssertionError, ...
+            raise CheckpointError(f"{self.path}: cannot read {self.path.suffix} checkpoint: {_reason(exc)}") from exc
         if not isinstance(obj, Mapping):
             raise CheckpointError(
                 f"{self.path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
@@ -219,6 +213,8 @@ class _NpzReader(_Reader):
         # Each member is inflated into fresh memory of its declared size (checked against the
         # member's); zipfile checks the CRC-32 on reaching its end. Nothing stays mapped.
         m = self._members[name]
+        if m.dtype.kind not in "biufc" or m.dtype.itemsize > 8 * (1 + (m.dtype.kind == "c")):
+            raise CheckpointError(f"{self.path}: array {name!r} has dtype {m.dtype.str}, which torch cannot hold")
         array = np.empty(m.shape[::-1] if m.fortran else m.shape, m.dtype)
         with self._archive.open(m.record) as member:
             member.read(m.header)
@@ -264,7 +260,7 @@ def _shard_paths(index: Path) -> dict[str, Path]:
     the index's folder (no absolute paths, no ``..``); symlinks among them are followed, as
     in the Hugging Face cache, whose snapshot folders link each file into ``blobs/``."""
     try:
-        text = index.read_text()
+        text = index.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"{index}: cannot read shard index: {exc.strerror or exc}") from exc
     try:
@@ -393,7 +389,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         shards = _shard_paths(entry)
         readers = {}
         for shard in sorted(set(shards.values())):
-            if not shard.is_file():
+            try:
+                found = shard.is_file()
+            except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+                raise CheckpointError(f"{entry}: shard {str(shard)[:200]!r}: {_reason(exc)}") from exc
+            if not found:
                 first = next(n for n, s in shards.items() if s == shard)
                 raise CheckpointError(f"{entry}: shard {shard} (of tensor {first!r}) is missing")
             readers[shard] = _open_file(shard)

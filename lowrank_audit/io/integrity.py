@@ -411,19 +411,96 @@ def check_torch_zip(path: Path, archive: zipfile.ZipFile) -> tuple[ZipIntegrity,
     return records, {name: f"{prefix}data/{ref.storage.key}" for name, ref in tensors.items()}
 
 
+class _Bounded(io.RawIOBase):
+    """A file whose reads never ask for more than is left: a corrupt length field in a pickle
+    becomes a short read (and an error), not an allocation of that many bytes."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.f, self.size = f, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        return self.f.readinto(view[: max(0, min(len(view), self.size - self.f.tell()))])
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.f.tell())
+        return self.f.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self.f.readline(1 << 16 if limit is None or limit < 0 else limit)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+
+
+def refusal(path: Path, named: str | None, pickled: bytes) -> CheckpointError:
+    """A pickle that would import or run something: say what (from its own opcodes) and what to do.
+
+    ``named`` is the global the refusing unpickler gave, if any (torch drops a builtin's
+    module: "exec"); otherwise the first global outside torch's own is named.
+    """
+    found = pickle_globals(pickled)
+    if named:
+        what = next((g for g in found if g == named or g.endswith("." + named)), named)
+    else:
+        what = next((g for g in found if not g.startswith(("torch.", "collections.OrderedDict"))), "its contents")
+    return CheckpointError(
+        f"{path}: refused to unpickle {what}: checkpoints load with weights_only=True, which admits tensors and "
+        "plain containers only; if you trust this file, convert it to .safetensors where it was made"
+    )
+
+
+def _inert_load(path: Path, f: Any, what: str) -> Any:
+    try:
+        return _InertUnpickler(f, path, {}).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged pickle makes the unpickler raise
+        raise _fail(path, f"{what} is malformed ({type(exc).__name__}: {str(exc)[:80]})") from None
+
+
 def check_torch_legacy(path: Path) -> None:
-    """A legacy (pre-1.6) torch file: its pickles well formed and their storages within the file."""
+    """A legacy (pre-1.6, non-zip) torch file, walked as torch reads it: the magic number,
+    protocol and system-info pickles, the state-dict pickle (storages listed, tensors within
+    them), the list of storage keys, then each storage as an 8-byte element count (equal to
+    the declared one) and its bytes, all inside the file.
+
+    Raises:
+        CheckpointError: Any of these is missing, malformed or larger than the file; a pickle
+            that is not a torch checkpoint but names other globals is refused naming them.
+    """
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        try:
-            for _ in range(3):  # magic number, protocol version, system info
-                _InertUnpickler(f, path, {}).load()
-        except Exception:  # noqa: BLE001 - not a legacy torch file; torch.load says what it is
-            return
+    with open(path, "rb") as raw:
+        f = _Bounded(raw, size)
+        magic = _inert_load(path, f, "the file's first pickle")
+        if magic != _LEGACY_MAGIC:
+            raw.seek(0)
+            head = raw.read(1 << 20)
+            if any(not g.startswith(("torch.", "collections.")) for g in pickle_globals(head)):
+                raise refusal(path, None, head)
+            raise _fail(path, "not a PyTorch checkpoint (neither a zip archive nor the legacy format's magic number)")
+        if type(_inert_load(path, f, "the protocol version")) is not int:
+            raise _fail(path, "the legacy header's protocol version is not an integer")
+        _inert_load(path, f, "the system information")
         storages, _ = scan_pickle(path, f)
-        declared = sum(ref.numel * ref.itemsize for ref in storages.values())
-        if declared > size - f.tell():
-            raise _fail(path, f"its storages declare {declared} bytes but only {size - f.tell()} follow the pickle")
+        keys = _inert_load(path, f, "the list of storage keys")
+        if not isinstance(keys, list) or set(keys) != set(storages) or len(keys) != len(storages):
+            raise _fail(path, "the list of storage keys does not match the storages of the state dict")
+        for key in keys:
+            ref = storages[key]
+            count = raw.read(8)
+            if len(count) < 8 or struct.unpack("<q", count)[0] != ref.numel:
+                raise _fail(path, f"storage {key!r}: its stored length does not match the declared {ref.numel}")
+            end = raw.tell() + ref.numel * ref.itemsize
+            if end > size:
+                raise _fail(path, f"storage {key!r} runs {end - size} bytes past the end of the file (truncated?)")
+            raw.seek(end)
 
 
 # ---------------------------------------------------------------------------------------------- npz
@@ -451,7 +528,7 @@ def npz_members(path: Path, archive: zipfile.ZipFile) -> tuple[ZipIntegrity, dic
                 read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape, fortran, dtype = read(member, max_header_size=1 << 20)
                 header = member.tell()
-        except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, OSError, SyntaxError) as exc:
+        except Exception as exc:  # noqa: BLE001 - NumPy parses the header with ast and tokenize: any of theirs
             raise _fail(path, f"{where}: unreadable .npy header ({_first_line(exc)})") from None
         if dtype.hasobject:
             raise _fail(path, f"{where} holds Python objects (dtype {dtype.str}); such arrays are never unpickled")
@@ -464,4 +541,4 @@ def npz_members(path: Path, archive: zipfile.ZipFile) -> tuple[ZipIntegrity, dic
 
 
 __all__ = ["MAX_HEADER", "NpyMember", "SafetensorsEntry", "ZipIntegrity", "check_torch_legacy", "check_torch_zip",
-           "npz_members", "pickle_globals", "safetensors_header", "scan_pickle"]  # fmt: skip
+           "npz_members", "pickle_globals", "refusal", "safetensors_header", "scan_pickle"]  # fmt: skip

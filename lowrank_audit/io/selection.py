@@ -7,7 +7,8 @@ Rules (the README repeats them for users):
 - 2-D tensors are one matrix. 3-D tensors are stacked matrices (MoE experts), one row
   each. 4-D and higher (convolution kernels ``[out, in, kh, kw]``) are flattened to
   ``[out, in*kh*kw]``.
-- A matrix whose smaller side is below 2 has no spectrum worth the name and is skipped.
+- A 1 x n matrix has one singular value (its norm) and is audited; an empty matrix (a side
+  of 0) has none and is skipped.
 - ``include``/``exclude`` are shell-style globs on the full tensor name.
 - With a base checkpoint, the audited matrix is ``fine-tuned - base`` (kind ``delta``);
   names found on one side only are skipped and reported, different shapes are an error.
@@ -26,7 +27,6 @@ import torch
 from lowrank_audit.errors import NoMatricesSelected, ShapeMismatchError
 from lowrank_audit.io.checkpoint import Checkpoint, TensorInfo
 
-MIN_SIDE = 2
 _LAYER = re.compile(r"^\d+$")
 _PARAM_SUFFIXES = ("weight",)
 
@@ -101,8 +101,8 @@ def _skip_reason(info: TensorInfo) -> str | None:
     if len(info.shape) < 2:
         return f"{len(info.shape)}-D"
     _, rows, cols = matrix_view(info.shape)
-    if min(rows, cols) < MIN_SIDE:
-        return f"matrix {rows}x{cols} has a side below {MIN_SIDE}"
+    if rows * cols == 0:
+        return f"empty matrix {rows}x{cols}"
     return None
 
 
