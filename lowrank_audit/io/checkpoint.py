@@ -193,9 +193,12 @@ class _TorchReader(_Reader):
     def read(self, name: str) -> torch.Tensor:
         if self._tensors is None:
             self._tensors = self._load()
+        tensor = self._tensors[name]
         if self._records is not None and name in self._storage_of:
-            self._records.verify(self._storage_of[name])  # CRC-32 of the storage, once per record
-        return self._tensors[name]
+            # The storage is the record's bytes, memory-mapped: its CRC-32 reads them in place, once per record.
+            whole = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
+            self._records.verify(self._storage_of[name], whole.numpy())
+        return tensor
 
     def release(self) -> None:
         self._tensors = None  # the storages, and with them the memory map, go with the last reference

@@ -11,8 +11,9 @@ structure is checked here first, against the size of the file, and any inconsist
   duplicate names), every dtype and shape, and the byte ranges, which must tile the data
   section exactly (no overlap, no gap, no byte past the end).
 - **zip archives** (torch ``.pt/.bin/.pth``, ``.npz``): each record's local header and data
-  lie inside the file; a stored record's size is its compressed size; CRC-32 of data
-  records when they are read (:meth:`ZipIntegrity.verify`).
+  lie inside the file, with a plausible size; torch's records are stored (uncompressed) and
+  their CRC-32 is checked when first read (:meth:`ZipIntegrity.verify`); zipfile checks an
+  ``.npz`` member's as it inflates it.
 - **torch pickles**: ``data.pkl`` is walked by an unpickler that imports nothing and calls
   nothing (every global becomes an inert stub), which lists each storage (its record, type
   and declared length) and each tensor's extent; every storage must fit its record and every
@@ -27,6 +28,7 @@ import json
 import math
 import pickle
 import struct
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -189,30 +191,20 @@ class ZipIntegrity:
                 records[info.filename], starts[info.filename] = info, start
         return cls(path, records, starts)
 
-    def verify(self, name: str, archive: zipfile.ZipFile | None = None) -> None:
-        """Check a record's CRC-32 (once); stored records are read raw, in 16 MiB chunks."""
+    def verify(self, name: str, data: Any = None) -> None:
+        """Check a stored record's CRC-32 (once): over ``data``, a buffer holding the record's
+        bytes (a memory-mapped storage: no copy), or else read from the file in 16 MiB chunks."""
         if name in self.verified:
             return
-        info = self.records[name]
-        crc = 0
-        if info.compress_type == zipfile.ZIP_STORED:
+        info, crc = self.records[name], 0
+        if data is not None:
+            crc = zlib.crc32(data)
+        else:
             with open(self.path, "rb") as f:
                 f.seek(self.starts[name])
                 left = info.compress_size
-                while left:
-                    chunk = f.read(min(left, _CHUNK))
-                    if not chunk:
-                        break
+                while left and (chunk := f.read(min(left, _CHUNK))):
                     crc, left = zlib.crc32(chunk, crc), left - len(chunk)
-        else:
-            assert archive is not None, "compressed records are checked through the archive"
-            with archive.open(info) as member:  # zipfile checks CRC and size of what it inflates
-                try:
-                    while member.read(_CHUNK):
-                        pass
-                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-                    raise _fail(self.path, f"zip record {name!r} is corrupt: {exc}") from None
-                crc = info.CRC
         if crc != info.CRC:
             raise _fail(
                 self.path, f"zip record {name!r} is corrupt: CRC-32 {crc:08x}, the directory says {info.CRC:08x}"
@@ -330,6 +322,24 @@ def _walk(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from _walk(value, f"{name}.")
 
 
+def _well_formed(path: Path, data: BinaryIO, what: str) -> None:
+    """Walk a pickle's opcodes (pickletools reads each declared length and checks it against
+    what is left) before unpickling it: the C unpickler allocates a BYTEARRAY8 or BINBYTES8
+    of its declared length before reading it, so a corrupt length would be an allocation of
+    up to 2^64 bytes."""
+    import pickletools
+
+    start = data.tell()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickletools warns about odd escapes in damaged strings
+            for _ in pickletools.genops(data):
+                pass
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged opcode stream makes pickletools raise
+        raise _fail(path, f"{what} is malformed ({type(exc).__name__}: {str(exc)[:80]})") from None
+    data.seek(start)
+
+
 def scan_pickle(path: Path, data: BinaryIO) -> tuple[dict[str, StorageRef], dict[str, TensorRef]]:
     """Storages and tensors a torch pickle declares, without importing or running anything.
 
@@ -337,6 +347,7 @@ def scan_pickle(path: Path, data: BinaryIO) -> tuple[dict[str, StorageRef], dict
         CheckpointError: The pickle is malformed, or a tensor reaches past its storage.
     """
     sizes = _dtype_sizes()
+    _well_formed(path, data, "the pickle")
     unpickler = _InertUnpickler(data, path, sizes)
     try:
         root = unpickler.load()
@@ -371,18 +382,21 @@ def pickle_globals(data: bytes) -> list[str]:
     import pickletools
     from _compat_pickle import IMPORT_MAPPING
 
-    found, strings = [], []
-    try:
-        for op, arg, _ in pickletools.genops(data):
-            if op.name in ("GLOBAL", "INST"):
-                module, _, name = str(arg).partition(" ")
-                found.append(f"{IMPORT_MAPPING.get(module, module)}.{name}")
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(arg, str):
-                strings.append(arg)
-    except Exception:  # noqa: BLE001, S110 - a damaged tail: what was read so far is the answer
-        pass
+    found: list[str] = []
+    strings: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pickletools warns about odd escapes in damaged strings
+        try:
+            for op, arg, _ in pickletools.genops(data):
+                if op.name in ("GLOBAL", "INST"):
+                    module, _, name = str(arg).partition(" ")
+                    found.append(f"{IMPORT_MAPPING.get(module, module)}.{name}")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:  # noqa: BLE001, S110 - a damaged tail: what was read so far is the answer
+            pass
     return found
 
 
@@ -398,7 +412,10 @@ def check_torch_zip(path: Path, archive: zipfile.ZipFile) -> tuple[ZipIntegrity,
     if len(pickles) != 1:
         raise _fail(path, "not a torch zip checkpoint: no single <prefix>/data.pkl record")
     pkl = pickles[0]
-    records.verify(pkl, archive)
+    compressed = [n for n, info in records.records.items() if info.compress_type != zipfile.ZIP_STORED]
+    if compressed:  # torch writes every record stored, and maps storages in place
+        raise _fail(path, f"zip record {compressed[0]!r} is compressed; a torch checkpoint stores its records as is")
+    records.verify(pkl)
     prefix = pkl.removesuffix("data.pkl")
     storages, tensors = scan_pickle(path, io.BytesIO(archive.read(pkl)))
     for key, ref in storages.items():
@@ -406,7 +423,7 @@ def check_torch_zip(path: Path, archive: zipfile.ZipFile) -> tuple[ZipIntegrity,
         if record not in records.records:
             raise _fail(path, f"storage record {record!r} is missing from the archive")
         have, need = records.records[record].file_size, ref.numel * ref.itemsize
-        if have < need:
+        if have != need:  # torch writes each storage as one record of exactly its bytes
             raise _fail(path, f"zip record {record!r} holds {have} bytes but its storage declares {need}")
     return records, {name: f"{prefix}data/{ref.storage.key}" for name, ref in tensors.items()}
 
@@ -435,6 +452,12 @@ class _Bounded(io.RawIOBase):
     def tell(self) -> int:
         return self.f.tell()
 
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.f.seek(offset, whence)
+
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 
@@ -457,6 +480,7 @@ def refusal(path: Path, named: str | None, pickled: bytes) -> CheckpointError:
 
 
 def _inert_load(path: Path, f: Any, what: str) -> Any:
+    _well_formed(path, f, what)
     try:
         return _InertUnpickler(f, path, {}).load()
     except CheckpointError:
