@@ -18,6 +18,7 @@ import pickle
 import struct
 import sys
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,6 +413,16 @@ def pt_crc(folder: Path) -> Path:
     return path
 
 
+def pt_crc_other_rebuilds(folder: Path) -> Path:
+    """Tensors torch rebuilds another way than a plain state dict's: one with a Python attribute
+    (``_rebuild_from_type_v2``) inside an OrderedDict built from a list of pairs."""
+    weight = torch.randn(8, 6, generator=torch.Generator().manual_seed(5))
+    weight.note = "carries an attribute"
+    path = _torch_zip(folder / "rebuilt.pt", OrderedDict([("layer.weight", weight)]))
+    _flip(path, _local_data_offset(path, _member(path, "/data/0")))
+    return path
+
+
 def pt_short_record(folder: Path) -> Path:
     path = _torch_zip(folder / "shortrec.pt")
     name = _member(path, "/data/0")
@@ -525,6 +536,7 @@ CASES: list[Case] = [
     Case("npz-truncated", npz_truncated, "a truncated zip", ("cut.npz",)),
     Case("npz-crc-mismatch", npz_crc, "layer0_weight fails its CRC", ("crcflip.npz", "layer0_weight")),
     Case("pt-crc-mismatch", pt_crc, "record data/0 fails its CRC", ("flipped.pt", "data/0")),
+    Case("pt-crc-mismatch-rebuilt", pt_crc_other_rebuilds, "record data/0 fails its CRC", ("rebuilt.pt", "data/0")),
     Case("pt-short-record", pt_short_record, "record data/0 shorter than its tensor", ("shortrec.pt",)),
     Case("pt-truncated", pt_truncated, "a truncated zip", ("cut.pt",)),
     Case("pt-malformed-pickle", pt_bad_pickle, "data.pkl does not unpickle", ("badpkl.pt",)),

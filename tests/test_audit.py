@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pandas as pd
 import pytest
-from safetensors import safe_open
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lowrank_audit

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -74,7 +75,9 @@ def test_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
     torch.save({"w": torch.ones(2, 2), "payload": RunsCode(str(marker))}, path)
-    with pytest.raises(CheckpointError, match=r"evil\.bin: refused to unpickle os\.makedirs.*convert it to \.safetensors"):
+    with pytest.raises(
+        CheckpointError, match=r"evil\.bin: refused to unpickle os\.makedirs.*convert it to \.safetensors"
+    ):
         open_checkpoint(path)
     assert not marker.exists()
     # Control: an unrestricted unpickler would indeed have run it.
@@ -128,7 +131,9 @@ def test_shard_outside_its_folder_is_refused(samples, tmp_path):
     name = next(n for n, f in index["weight_map"].items() if f.startswith("model-00002"))
     index["weight_map"][name] = "../outside.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"shard '\.\./outside\.safetensors' of tensor '{name}' is not a file name inside"):
+    with pytest.raises(
+        CheckpointError, match=rf"shard '\.\./outside\.safetensors' of tensor '{name}' is not a file name inside"
+    ):
         open_checkpoint(folder)
 
 
@@ -150,3 +155,25 @@ def test_fp8_tensors_are_read_and_flagged_floating(tmp_path):
     with open_checkpoint(tmp_path / "fp8.safetensors") as ckpt:
         assert ckpt.info("w").dtype == "float8_e4m3fn" and ckpt.info("w").is_floating
         assert ckpt["w"].float().shape == (8, 4)
+
+
+def test_storages_of_tensors_rebuilt_other_ways_are_crc_checked_too(tmp_path):
+    """A tensor with a Python attribute is saved through _rebuild_from_type_v2, and an OrderedDict
+    built from pairs hides its items from a plain walk: their storages are checked at open."""
+    from collections import OrderedDict
+
+    weight = torch.randn(8, 6, generator=torch.Generator().manual_seed(5))
+    weight.note = "carries an attribute"
+    path = tmp_path / "rebuilt.pt"
+    torch.save(OrderedDict([("layer.weight", weight)]), path)
+    with open_checkpoint(path) as ckpt:  # intact: read as torch reads it
+        assert torch.equal(ckpt["layer.weight"], weight)
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(next(n for n in zf.namelist() if n.endswith("/data/0")))
+    raw = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little")
+    start += int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
+    raw[start + 5] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"rebuilt\.pt: zip record '.*/data/0' is corrupt: CRC-32"):
+        open_checkpoint(path)

@@ -68,7 +68,9 @@ def test_missing_file(tmp_path):
 
 
 def test_truncated_and_garbled(samples, tmp_path):
-    assert_one_line_error(invoke("spectrum", samples / "truncated.safetensors"), "truncated.safetensors", "truncated file")
+    assert_one_line_error(
+        invoke("spectrum", samples / "truncated.safetensors"), "truncated.safetensors", "truncated file"
+    )
     garbled = tmp_path / "garbled.safetensors"
     garbled.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     assert_one_line_error(invoke("spectrum", garbled, "--out", tmp_path / "r.parquet"), "garbled.safetensors")
@@ -267,3 +269,18 @@ def test_recommend_takes_the_conv_kernels_spectrum_audits(tmp_path):
     (row,) = json.loads(result.stdout)["rows"]
     assert (row["name"], row["rows"], row["cols"], row["rank"]) == ("conv.weight", 16, 72, 2)
     assert json.loads((tmp_path / "c.json").read_text())["target_modules"] == ["conv"]
+
+
+def test_names_with_markup_brackets_are_printed_as_they_are(tmp_path):
+    """Tensor names and paths reach the terminal as text, never as rich markup (``[/]`` would end a tag)."""
+    bad = torch.ones(4, 3)
+    bad[0, 0] = float("nan")
+    ckpt = tmp_path / "markup.safetensors"
+    save_file({"x[/].weight": bad, "ok[b].weight": torch.randn(4, 3)}, ckpt)
+    for command in ("spectrum", "recommend"):
+        result = invoke(command, ckpt)
+        assert result.exit_code == 0, result.output
+        assert "non-finite: x[/].weight has 1 NaN/Inf entries" in result.stdout
+    out = tmp_path / "o[/]"
+    result = invoke("compress", ckpt, "--exclude", "x*", "--rank", "1", "--out", str(out))
+    assert result.exit_code == 0 and f"written to {out}" in result.stdout, result.output

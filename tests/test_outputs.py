@@ -126,7 +126,7 @@ def test_plain_read_parquet_restores_nullable_integers(tmp_path):
     plain = pd.read_parquet(path)
     for column in ("layer", "expert", "k95", "signal_rank", "rows"):
         assert str(plain[column].dtype) == "Int64", column
-    assert plain["expert"].isna().sum() == 3 and plain["expert"].dropna().tolist() == [0, 1, 2, 3]
+    assert plain["expert"].isna().sum() == 4 and plain["expert"].dropna().tolist() == [0, 1, 2, 3]  # 4 matrices, 4 experts
     ours = read_report(path)
     pd.testing.assert_frame_equal(plain, ours, check_dtype=False)
     assert list(plain.columns) == list(ours.columns)

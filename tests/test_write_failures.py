@@ -83,7 +83,8 @@ def test_a_full_disk_is_exit_2_one_line_and_nothing_left(mount, command):
     result = runner.invoke(app, WRITERS[command](disk))
     assert result.exit_code == 2, result.output  # never check's 1 ("a rule failed")
     line = one_error_line(result)
-    assert str(disk) in line and "No space left on device" in line, line
+    assert f"cannot write {disk}/" in line and "No space left on device" in line, line
+    assert "lowrank-audit" not in line  # the output's name, not its temporary's
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
 
 
@@ -93,7 +94,8 @@ def test_a_read_only_folder_is_exit_2_one_line(mount, command):
     result = runner.invoke(app, WRITERS[command](disk))
     assert result.exit_code == 2, result.output
     line = one_error_line(result)
-    assert str(disk) in line and "Read-only file system" in line, line
+    assert f"cannot write {disk}/" in line and "Read-only file system" in line, line
+    assert "lowrank-audit" not in line  # the output's name, not its temporary's
     assert list(disk.iterdir()) == []
 
 
@@ -136,11 +138,12 @@ def test_stale_temporaries_of_dead_processes_are_removed_by_the_next_write(tmp_p
     stale_folder.mkdir()
     (stale_folder / "adapter_model.safetensors").write_bytes(b"half")
     stale_old.mkdir()
+    (tmp_path / "adapter").mkdir()  # the run finished its replacement: the old copy is garbage
     for path in (live, remote, mine):
         path.write_bytes(b"x")
     write_text(tmp_path / "out.txt", "done\n")
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted([live.name, remote.name, mine.name, "out.txt"])
+    assert left == sorted([live.name, remote.name, mine.name, "adapter", "out.txt"])
     assert remove_stale(tmp_path) == []
 
 
@@ -233,3 +236,49 @@ def test_an_unreadable_report_is_exit_2_not_1(tmp_path):
     result = runner.invoke(app, ["check", str(report)])
     assert result.exit_code == 2
     assert "r.parquet" in one_error_line(result)
+
+
+def test_a_kill_while_replacing_a_folder_gets_the_old_one_back(tmp_path):
+    """Killed between moving the old output aside and moving the new one in: the next write
+    there restores the old output (the new one may be incomplete) instead of deleting both."""
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    old = tmp_path / f".adapter.lowrank-audit.{outputs._HOST}.{dead}.old"
+    new = tmp_path / f".adapter.lowrank-audit.{outputs._HOST}.{dead}.tmp"
+    for folder, text in ((old, "old"), (new, "half")):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(text)
+    huge = tmp_path / f".x.lowrank-audit.{outputs._HOST}.{10**25}.tmp"  # no PID of this system: left alone
+    huge.write_text("x")
+    write_text(tmp_path / "notes.txt", "done\n")
+    assert (tmp_path / "adapter" / "adapter_config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter", "notes.txt", huge.name])
+
+
+def test_control_characters_from_a_file_never_reach_the_terminal(tmp_path):
+    """A hostile name (a terminal-title sequence, a newline) is shown escaped, on one line."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"w": torch.ones(2, 2)}, folder / "model-1.safetensors")
+    hostile = "\x1b]0;PWNED\x07\x1b(0\nmodel-1.safetensors"
+    index = {"weight_map": {"w": "model-1.safetensors", "v": f"/{hostile}"}}
+    (folder / "model.safetensors.index.json").write_text(__import__("json").dumps(index))
+    result = runner.invoke(app, ["spectrum", str(folder)])
+    assert result.exit_code == 2
+    line = one_error_line(result)  # one line, and no escape byte at all
+    assert "\\x1b]0;PWNED\\x07\\x1b(0\\nmodel-1" in line, line
+
+
+def test_a_reader_that_goes_away_is_141_silently_never_1(tmp_path):
+    """`check ... | true`: the reader is gone before the first line (rich would exit 1, which
+    reads as "a rule failed")."""
+    (tmp_path / "policy.toml").write_text("forbid-nonfinite = true\n")
+    script = f"{sys.executable} -m lowrank_audit check {FT} --policy {tmp_path / 'policy.toml'} | true"
+    done = subprocess.run(["bash", "-c", f"{script}; exit ${{PIPESTATUS[0]}}"], capture_output=True, text=True)
+    assert done.returncode == 141 and done.stderr == "", (done.returncode, done.stderr)
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("yes", True), ("0", False), ("false", False), ("", False)])
+def test_debug_from_the_environment(monkeypatch, tmp_path, value, on):
+    monkeypatch.setenv("LOWRANK_AUDIT_DEBUG", value)
+    result = runner.invoke(app, ["spectrum", str(tmp_path / "absent.safetensors")])
+    assert result.exit_code == 2 and ("Traceback" in result.stderr) == on

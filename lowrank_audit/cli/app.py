@@ -13,7 +13,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Annotated
 
 import click
@@ -66,17 +66,32 @@ app = typer.Typer(
 )
 
 
-# Colour and cursor codes: a message quoting a library (torch's pickle refusals) may hold them.
+# Colour and cursor codes: a message quoting a library (torch's pickle refusals) may hold them;
+# they go. Other control characters (a tensor or global name from a hostile file: a terminal
+# title, a character-set switch, a newline) are shown escaped, so the message stays one line.
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Exit codes: 2 bad input or a failed read or write (LowrankAuditError), 130 Ctrl-C (128 + SIGINT),
-# 70 a bug in this tool (EX_SOFTWARE), so that `check`'s 1 only ever means "a rule failed".
-INTERRUPTED, INTERNAL = 130, 70
-debug = bool(os.environ.get("LOWRANK_AUDIT_DEBUG"))
+# 141 the reader of stdout went away (128 + SIGPIPE, as a shell reports `cmd | head`), 70 a bug
+# in this tool (EX_SOFTWARE), so that `check`'s 1 only ever means "a rule failed".
+INTERRUPTED, CLOSED_PIPE, INTERNAL = 130, 141, 70
+
+
+def _debug_env() -> bool:
+    return os.environ.get("LOWRANK_AUDIT_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+debug = _debug_env()
+
+
+def _plain(text: str) -> str:
+    """One line of plain text, safe to print: no colour codes, control characters escaped, and
+    rich markup escaped (tensor names and TOML keys hold brackets)."""
+    return escape(_CONTROL.sub(lambda m: repr(m[0])[1:-1], _ANSI.sub("", text)))
 
 
 def _error(text: str) -> None:
-    # escape: tensor names and TOML keys hold brackets that rich would read as markup
-    err_console.print(f"[red]Error:[/] {escape(_ANSI.sub('', text))}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]Error:[/] {_plain(text)}", highlight=False, soft_wrap=True)
 
 
 def _os_error(err: OSError) -> str:
@@ -89,7 +104,8 @@ def _os_error(err: OSError) -> str:
 def user_errors() -> Iterator[None]:
     """The one error path: each failure becomes one ``Error:`` line and its exit code.
 
-    Project errors and OS errors exit 2, Ctrl-C 130, anything else is a bug in this tool:
+    Project errors and OS errors exit 2, Ctrl-C 130, a closed stdout 141 (silently),
+    anything else is a bug in this tool:
     its traceback, then exit 70. ``--debug`` (or ``LOWRANK_AUDIT_DEBUG=1``) prints the
     traceback of every error.
     """
@@ -98,12 +114,18 @@ def user_errors() -> Iterator[None]:
             warnings.simplefilter("always")
             yield
         for w in caught:
-            err_console.print(f"[yellow]Warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]Warning:[/] {_plain(str(w.message))}", highlight=False, soft_wrap=True)
     except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
         raise
     except KeyboardInterrupt:
         _error("interrupted; unfinished outputs were removed")
         raise typer.Exit(INTERRUPTED) from None
+    except BrokenPipeError:
+        # Nothing to say (stdout is gone, and `| head` is not a failure); stdout goes to
+        # /dev/null so the interpreter's final flush does not complain either.
+        with suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(CLOSED_PIPE) from None
     except (LowrankAuditError, OSError, MemoryError) as err:
         if debug:
             traceback.print_exc()
@@ -158,4 +180,4 @@ def _root(
 ) -> None:
     """Spectral audits of neural-network checkpoints."""
     global debug
-    debug = show_traceback or bool(os.environ.get("LOWRANK_AUDIT_DEBUG"))
+    debug = show_traceback or _debug_env()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from lowrank_audit.cli.app import command
 from lowrank_audit.cli.options import DeviceOpt, ExcludeOpt, ForceOpt, IncludeOpt, Reporting, path_option
@@ -145,5 +146,5 @@ def capture(
         shown = rows[: reporting.top]
         out_console.print(table(shown, columns, f"capture ({len(shown)} of {len(rows)} modules)"))
     shared = f"; {len(result.groups)} groups of modules shared an input" if result.groups else ""
-    line(f"{kind} of {len(rows)} Linear inputs over {plural(result.batches, 'batch', 'batches')} written to {out} "
+    line(f"{kind} of {len(rows)} Linear inputs over {plural(result.batches, 'batch', 'batches')} written to {escape(str(out))} "
          f"in {elapsed:.2f} s{shared}")  # fmt: skip

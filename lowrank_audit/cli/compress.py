@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
 from lowrank_audit.cli.app import command, command_line
 from lowrank_audit.cli.options import (
@@ -120,4 +121,4 @@ def compress(
     text = f"{before:,} -> {after:,} parameters ({before / max(after, 1):.1f}x smaller)"
     if not left.empty:
         text += f"; {len(left)} tensors left out, {left['update_share'].sum():.2%} of the update"
-    line(f"{text}; verified and written to {out} ({REPORT_NAME}) in {elapsed:.2f} s")
+    line(f"{text}; verified and written to {escape(str(out))} ({REPORT_NAME}) in {elapsed:.2f} s")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+from rich.markup import escape
+
 from lowrank_audit.cli.app import command
 from lowrank_audit.cli.options import ForceOpt, path_argument, path_option
 from lowrank_audit.cli.render import line
@@ -22,4 +24,4 @@ def expand(
     from lowrank_audit.formats.lowrank import expand as run_expand
 
     written = run_expand(source, out, force=force)
-    line(f"dense checkpoint written to {written}")
+    line(f"dense checkpoint written to {escape(str(written))}")

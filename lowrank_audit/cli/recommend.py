@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+from rich.markup import escape
+
 from lowrank_audit.cli.app import command, command_line
 from lowrank_audit.cli.options import ForceOpt, Reporting, SourceArg, base_option, path_option
 from lowrank_audit.cli.render import frame_rows, line, out_console, print_json, progress_bar, table
@@ -69,11 +71,11 @@ def recommend(
         title = f"LoRA ranks ({rank_policy.describe()}; {len(shown)} of {len(ranks)} layers)"
         out_console.print(table(shown.to_dict("records"), TABLE, title))
     for name, count in nonfinite.items():
-        line(f"[red]non-finite:[/] {name} has {count:,} NaN/Inf entries; no rank")
+        line(f"[red]non-finite:[/] {escape(name)} has {count:,} NaN/Inf entries; no rank")
     mean = f"{ranks['rank'].mean():.1f}" if len(ranks) else "—"
     text = f"{len(ranks)} layers, {total:,} adapter parameters, mean rank {mean}"
     text += f"; {len(unchanged)} unchanged matrices left out" if unchanged else ""
     text += f"; {len(nonfinite)} non-finite matrices left out" if nonfinite else ""
-    text += f"; ranks written to {out}" if out is not None else ""
-    text += f"; PEFT config written to {peft_config}" if peft_config is not None else ""
+    text += f"; ranks written to {escape(str(out))}" if out is not None else ""
+    text += f"; PEFT config written to {escape(str(peft_config))}" if peft_config is not None else ""
     line(f"{text} ({elapsed:.2f} s)")

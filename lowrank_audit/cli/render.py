@@ -28,10 +28,16 @@ if TYPE_CHECKING:
 PIPE_WIDTH = 10_000
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit 1, which from `check` reads as "a rule failed": the error path decides.
+        raise BrokenPipeError
+
+
 def _console(stderr: bool) -> Console:
     # emoji=False: ":x" in a module path or error message must not become an emoji.
-    probe = Console(stderr=stderr, emoji=False)
-    return probe if probe.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True, emoji=False)
+    probe = _Console(stderr=stderr, emoji=False)
+    return probe if probe.is_terminal else _Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True, emoji=False)
 
 
 out_console = _console(stderr=False)

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+from rich.markup import escape
+
 from lowrank_audit.cli.app import command, command_line
 from lowrank_audit.cli.options import (
     CheckpointArg,
@@ -86,7 +88,7 @@ def render(rows: list[dict], meta: dict, reporting: Reporting, elapsed: float, o
     for row in rows:
         if row["nonfinite"] > 0:
             what = "rows" if row["kind"] == "activation" else "entries"
-            line(f"[red]non-finite:[/] {row['name']} has {row['nonfinite']} NaN/Inf {what}; not decomposed")
+            line(f"[red]non-finite:[/] {escape(row['name'])} has {row['nonfinite']} NaN/Inf {what}; not decomposed")
     ranks = ("k90", "k95", "k99")
     open_ranks = sum(1 for r in rows if r["method"] == "randomized" and any(missing(r.get(k)) for k in ranks))
     if open_ranks:
@@ -96,7 +98,7 @@ def render(rows: list[dict], meta: dict, reporting: Reporting, elapsed: float, o
     text = f"Audited {plural(len(rows), 'matrix', 'matrices')} from {plural(tensors, 'tensor')}"
     text += f" on {meta['device']} in {elapsed:.2f} s"
     text += f"; {len(meta['skipped'])} tensors skipped (not matrices)" if meta["skipped"] else ""
-    line(text + (f"; report written to {out}" if out else ""))
+    line(text + (f"; report written to {escape(str(out))}" if out else ""))
 
 
 @command()

@@ -150,8 +150,11 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, to
 
 def _refused(path: Path, exc: pickle.UnpicklingError, pickled: bytes) -> CheckpointError:
     """torch's weights_only refusal, as one line: what was refused and what to do."""
-    named = re.search(r"GLOBAL ([\w.]+)", str(exc))
-    return integrity.refusal(path, named[1] if named else None, pickled)
+    text = str(exc)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    why = re.search(r"WeightsUnpickler error: ([^\n]*)", text) or re.search(r"[^\n]*Unsupported[^\n]*", text)
+    reason = (why[1] if why and why.lastindex else why[0] if why else _reason(exc)).strip()
+    return integrity.refusal(path, named[1] if named else None, pickled, reason)
 
 
 class _TorchReader(_Reader):
@@ -194,11 +197,14 @@ class _TorchReader(_Reader):
         if self._tensors is None:
             self._tensors = self._load()
         tensor = self._tensors[name]
-        if self._records is not None and name in self._storage_of:
-            # The storage is the record's bytes, memory-mapped: its CRC-32 reads them in place, once per record.
-            whole = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
-            self._records.verify(self._storage_of[name], whole.numpy())
-        return tensor
+        record = self._storage_of.get(name)
+        if self._records is not None and record is not None:
+            # A storage is its record's bytes, memory-mapped: the CRC-32 reads them in place (once per record).
+            storage = tensor.untyped_storage()
+            whole = storage.nbytes() == self._records.records[record].file_size
+            data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy() if whole else None
+            self._records.verify(record, data)
+        return tensor.detach()  # a saved Parameter keeps requires_grad: nothing here is differentiated
 
     def release(self) -> None:
         self._tensors = None  # the storages, and with them the memory map, go with the last reference

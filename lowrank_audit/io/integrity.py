@@ -27,11 +27,12 @@ import io
 import json
 import math
 import pickle
+import reprlib
 import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,12 +43,13 @@ from lowrank_audit.errors import CheckpointError
 
 # safetensors' own cap on the header (its MAX_HEADER_SIZE); larger is a corrupt length field.
 MAX_HEADER = 100_000_000
-# Bytes per element of every safetensors dtype code (the format's, not ours).
-SAFETENSORS_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+# Bits per element of every safetensors dtype code (the format's, not ours; F4 and F6 pack).
+SAFETENSORS_BITS = {
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
 }  # fmt: skip
 # deflate cannot expand more than about 1032:1; a member claiming more lies about its size.
 MAX_DEFLATE_RATIO = 1032
@@ -113,7 +115,7 @@ def safetensors_header(path: Path) -> dict[str, SafetensorsEntry]:
     entries = {}
     for name, entry in header.items():
         if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+            if entry is not None and not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
                 raise _fail(path, "safetensors __metadata__ is not a map of strings")
             continue
         entries[name] = _entry(path, name, entry, data)
@@ -135,7 +137,7 @@ def _entry(path: Path, name: str, entry: Any, data: int) -> SafetensorsEntry:
     if not isinstance(entry, dict):
         raise _fail(path, f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in SAFETENSORS_ITEMSIZE:
+    if dtype not in SAFETENSORS_BITS:
         raise _fail(path, f"{where}: unknown or unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
         raise _fail(path, f"{where}: shape {shape!r} is not a list of non-negative integers")
@@ -145,8 +147,9 @@ def _entry(path: Path, name: str, entry: Any, data: int) -> SafetensorsEntry:
         raise _fail(path, f"{where}: data_offsets {offsets!r} do not make a byte range")
     if offsets[1] > data:
         raise _fail(path, f"{where}: ends at byte {offsets[1]} of a {data}-byte data section (truncated file?)")
-    nbytes = math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
-    if offsets[1] - offsets[0] != nbytes:
+    bits = math.prod(shape) * SAFETENSORS_BITS[dtype]
+    nbytes = bits // 8
+    if bits % 8 or offsets[1] - offsets[0] != nbytes:
         raise _fail(path, f"{where}: {offsets[1] - offsets[0]} bytes stored for shape {shape} {dtype} ({nbytes} bytes)")
     return SafetensorsEntry(dtype, tuple(shape), offsets[0], offsets[1])
 
@@ -215,14 +218,24 @@ class ZipIntegrity:
 # ------------------------------------------------------------------------------------- torch pickles
 
 
+# Longest global name (module.qualname) and tensor name a walked pickle may hold: real ones are
+# far shorter, and a memoised megabyte-long string reused in either would cost memory per use.
+MAX_NAME = 4096
+
+
 class _Stub:
-    """What every global becomes: inert, it accepts any arguments and any state."""
+    """What every global becomes: inert, it accepts any arguments and any state, whether the
+    pickle calls it (REDUCE) or only allocates it (NEWOBJ, OBJ, INST)."""
 
     qualname = "?"
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
+        self = object.__new__(cls)
+        self.args, self.items = args, {}
+        return self
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
-        self.items: dict[Any, Any] = {}
 
     def __setstate__(self, state: Any) -> None:
         pass
@@ -237,11 +250,18 @@ class _Stub:
         pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a BUILD opcode cannot rewrite its fields through __dict__
 class StorageRef:
     key: str
     itemsize: int  # of the storage's own type (1 for UntypedStorage: numel counts bytes)
     numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def __setstate__(self, state: Any) -> None:  # a BUILD opcode on a storage: never a real checkpoint's
+        raise TypeError("a storage reference takes no state")
 
 
 @dataclass(frozen=True)
@@ -263,35 +283,48 @@ def _dtype_sizes() -> dict[str, int]:
     return sizes | {f"dtype:{k}": v for k, v in dtypes.items()}
 
 
-class _InertUnpickler(pickle.Unpickler):
-    """Unpickles structure only: globals are stubs, so nothing is imported or run."""
+class _InertUnpickler(pickle._Unpickler):  # noqa: SLF001 - the Python unpickler: its memo is a dict
+    """Unpickles structure only: globals are stubs, so nothing is imported or run.
+
+    The pure-Python unpickler, not the C one: the C unpickler sizes its memo table by the
+    largest index a pickle names, so ``LONG_BINPUT 2**31`` would allocate 16 GB.
+    """
 
     def __init__(self, file: BinaryIO, path: Path, sizes: dict[str, int]) -> None:
         super().__init__(file)
         self.path, self.sizes = path, sizes
         self.storages: dict[str, StorageRef] = {}
+        self.classes: dict[tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str) -> type:
-        return type(name, (_Stub,), {"qualname": f"{module}.{name}"})
+        if not isinstance(module, str) or not isinstance(name, str) or len(module) + len(name) > MAX_NAME:
+            raise _fail(self.path, "the pickle names a global that is not a short string")
+        key = (module, name)
+        if key not in self.classes:
+            self.classes[key] = type("Stub", (_Stub,), {"qualname": f"{module}.{name}"})
+        return self.classes[key]
 
     def persistent_load(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise _fail(self.path, f"unexpected persistent id in the pickle: {str(pid)[:80]}")
+            raise _fail(self.path, f"unexpected persistent id in the pickle ({type(pid).__name__})")
         kind, key, numel = pid[1], pid[2], pid[4]
         name = getattr(kind, "qualname", "?").rsplit(".", 1)[-1]
         if name not in self.sizes or not isinstance(key, str) or type(numel) is not int or numel < 0:
-            raise _fail(self.path, f"storage {str(key)[:40]!r} has an unknown type or size ({name}, {numel!r})")
+            raise _fail(self.path, f"storage {reprlib.repr(key)} has an unknown type or size")
         ref = StorageRef(key, self.sizes[name], numel)
         if self.storages.setdefault(key, ref) != ref:
-            raise _fail(self.path, f"storage {key!r} is declared twice with different sizes")
+            raise _fail(self.path, f"storage {reprlib.repr(key)} is declared twice with different sizes")
         return ref
 
 
 _REBUILDS = {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3"}
 _WRAPPERS = {"torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"}
+_ORDERED = "collections.OrderedDict"
 
 
 def _tensor(path: Path, name: str, stub: _Stub, sizes: dict[str, int]) -> TensorRef | None:
+    """The tensor a rebuild call stands for, its extent checked; None for any other call
+    (the storages it holds are still CRC-checked: :func:`check_torch_zip`)."""
     if stub.qualname in _WRAPPERS and stub.args and isinstance(stub.args[0], _Stub):
         return _tensor(path, name, stub.args[0], sizes)
     if stub.qualname not in _REBUILDS:
@@ -309,24 +342,47 @@ def _tensor(path: Path, name: str, stub: _Stub, sizes: dict[str, int]) -> Tensor
         itemsize = sizes.get(f"dtype:{getattr(dtype, 'qualname', '?').rsplit('.', 1)[-1]}", 0)
         if not itemsize:
             raise _fail(path, f"tensor {name!r}: unknown dtype in the pickle")
-    return TensorRef(storage, offset, tuple(shape), tuple(stride), itemsize)
+    ref = TensorRef(storage, offset, shape, stride, itemsize)
+    reach = 0 if 0 in shape else offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) + 1
+    if reach * itemsize > storage.nbytes:
+        raise _fail(
+            path,
+            f"tensor {name!r} of shape {list(shape)} reaches byte {reach * itemsize} of storage "
+            f"{storage.key!r}, which holds {storage.nbytes}",
+        )
+    return ref
 
 
-def _walk(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    items = obj.items() if isinstance(obj, Mapping) else obj.items.items() if isinstance(obj, _Stub) else ()
-    for key, value in items:
-        name = f"{prefix}{key}"
-        if isinstance(value, _Stub) and (value.qualname in _REBUILDS or value.qualname in _WRAPPERS):
-            yield name, value
-        elif isinstance(value, (Mapping, _Stub)):
-            yield from _walk(value, f"{name}.")
+def _items(obj: Any) -> list[tuple[Any, Any]]:
+    if isinstance(obj, dict):
+        return list(obj.items())
+    if isinstance(obj, _Stub):
+        pairs = list(obj.items.items())
+        if obj.qualname == _ORDERED and obj.args and isinstance(obj.args[0], list):  # OrderedDict([(k, v), ...])
+            pairs += [p for p in obj.args[0] if isinstance(p, tuple) and len(p) == 2]
+        return pairs
+    return []
+
+
+def _walk(path: Path, root: Any) -> Iterator[tuple[str, _Stub]]:
+    """``(dotted name, rebuild call)`` of every tensor of a nested state dict, as the reader names them."""
+    stack = [(root, "")]
+    while stack:  # not recursive: a pickle may nest thousands of levels
+        node, at = stack.pop()
+        for key, value in _items(node):
+            name = f"{at}{key}" if isinstance(key, (str, int)) and len(at) < MAX_NAME else None
+            if name is None or len(name) > MAX_NAME:
+                raise _fail(path, "a tensor name in the pickle is not a short string")
+            if isinstance(value, _Stub) and (value.qualname in _REBUILDS or value.qualname in _WRAPPERS):
+                yield name, value
+            elif isinstance(value, (dict, _Stub)):
+                stack.append((value, f"{name}."))
 
 
 def _well_formed(path: Path, data: BinaryIO, what: str) -> None:
     """Walk a pickle's opcodes (pickletools reads each declared length and checks it against
-    what is left) before unpickling it: the C unpickler allocates a BYTEARRAY8 or BINBYTES8
-    of its declared length before reading it, so a corrupt length would be an allocation of
-    up to 2^64 bytes."""
+    what is left) before unpickling it: an unpickler allocates a BYTEARRAY8 of its declared
+    length before reading it, so a corrupt length would be an allocation of up to 2^64 bytes."""
     import pickletools
 
     start = data.tell()
@@ -336,7 +392,7 @@ def _well_formed(path: Path, data: BinaryIO, what: str) -> None:
             for _ in pickletools.genops(data):
                 pass
     except Exception as exc:  # noqa: BLE001 - whatever a damaged opcode stream makes pickletools raise
-        raise _fail(path, f"{what} is malformed ({type(exc).__name__}: {str(exc)[:80]})") from None
+        raise _fail(path, f"{what} is malformed ({type(exc).__name__}: {reprlib.repr(str(exc))})") from None
     data.seek(start)
 
 
@@ -351,28 +407,15 @@ def scan_pickle(path: Path, data: BinaryIO) -> tuple[dict[str, StorageRef], dict
     unpickler = _InertUnpickler(data, path, sizes)
     try:
         root = unpickler.load()
+        tensors = {}
+        for name, stub in _walk(path, root):
+            ref = _tensor(path, name, stub, sizes)
+            if ref is not None:
+                tensors[name] = ref
     except CheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            RecursionError, MemoryError, struct.error, UnicodeDecodeError) as exc:  # fmt: skip
-        raise _fail(path, f"the pickle is malformed ({type(exc).__name__}: {str(exc)[:80]})") from None
-    tensors = {}
-    for name, stub in _walk(root):
-        ref = _tensor(path, name, stub, sizes)
-        if ref is None:
-            continue
-        span = (
-            0
-            if 0 in ref.shape
-            else (ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride, strict=True)) + 1)
-        )
-        if span * ref.itemsize > ref.storage.numel * ref.storage.itemsize:
-            raise _fail(
-                path,
-                f"tensor {name!r} of shape {list(ref.shape)} reaches byte {span * ref.itemsize} of storage "
-                f"{ref.storage.key!r}, which holds {ref.storage.numel * ref.storage.itemsize}",
-            )
-        tensors[name] = ref
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile pickle makes the walk raise
+        raise _fail(path, f"the pickle is malformed ({type(exc).__name__}: {reprlib.repr(str(exc))})") from None
     return unpickler.storages, tensors
 
 
@@ -404,8 +447,13 @@ def check_torch_zip(path: Path, archive: zipfile.ZipFile) -> tuple[ZipIntegrity,
     """A zip-format torch checkpoint: records bounded, ``data.pkl`` verified and scanned,
     every storage's record present and long enough.
 
+    The CRC-32 of a storage that a plain state-dict tensor stands on is checked when that
+    tensor is first read (over its mapped bytes, once per record); every other storage the
+    pickle references (tensors rebuilt another way: subclasses, tensors with attributes,
+    OrderedDicts built from lists) is checked here.
+
     Returns:
-        The archive's records, and ``tensor name -> storage record`` for CRC checks on read.
+        The archive's records, and ``tensor name -> storage record`` for the checks on read.
     """
     records = ZipIntegrity.open(path, archive)
     pickles = [n for n in records.records if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -422,10 +470,13 @@ def check_torch_zip(path: Path, archive: zipfile.ZipFile) -> tuple[ZipIntegrity,
         record = f"{prefix}data/{key}"
         if record not in records.records:
             raise _fail(path, f"storage record {record!r} is missing from the archive")
-        have, need = records.records[record].file_size, ref.numel * ref.itemsize
-        if have != need:  # torch writes each storage as one record of exactly its bytes
-            raise _fail(path, f"zip record {record!r} holds {have} bytes but its storage declares {need}")
-    return records, {name: f"{prefix}data/{ref.storage.key}" for name, ref in tensors.items()}
+        have = records.records[record].file_size
+        if have < ref.nbytes:  # torch would map the storage past the record's end
+            raise _fail(path, f"zip record {record!r} holds {have} bytes but its storage declares {ref.nbytes}")
+    claimed = {name: f"{prefix}data/{ref.storage.key}" for name, ref in tensors.items()}
+    for record in sorted({f"{prefix}data/{key}" for key in storages} - set(claimed.values())):
+        records.verify(record)
+    return records, claimed
 
 
 class _Bounded(io.RawIOBase):
@@ -462,17 +513,20 @@ class _Bounded(io.RawIOBase):
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 
 
-def refusal(path: Path, named: str | None, pickled: bytes) -> CheckpointError:
+def refusal(path: Path, named: str | None, pickled: bytes, reason: str = "") -> CheckpointError:
     """A pickle that would import or run something: say what (from its own opcodes) and what to do.
 
     ``named`` is the global the refusing unpickler gave, if any (torch drops a builtin's
-    module: "exec"); otherwise the first global outside torch's own is named.
+    module: "exec"); otherwise the first global outside torch's and collections' is named,
+    and with none, the refusal is given as ``reason`` (an opcode torch does not admit).
     """
     found = pickle_globals(pickled)
     if named:
         what = next((g for g in found if g == named or g.endswith("." + named)), named)
     else:
-        what = next((g for g in found if not g.startswith(("torch.", "collections.OrderedDict"))), "its contents")
+        what = next((g for g in found if not g.startswith(("torch.", "collections."))), None)
+    if what is None:
+        return CheckpointError(f"{path}: torch.load(weights_only=True) refused it: {reason or 'not a checkpoint'}")
     return CheckpointError(
         f"{path}: refused to unpickle {what}: checkpoints load with weights_only=True, which admits tensors and "
         "plain containers only; if you trust this file, convert it to .safetensors where it was made"
@@ -486,7 +540,7 @@ def _inert_load(path: Path, f: Any, what: str) -> Any:
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a damaged pickle makes the unpickler raise
-        raise _fail(path, f"{what} is malformed ({type(exc).__name__}: {str(exc)[:80]})") from None
+        raise _fail(path, f"{what} is malformed ({type(exc).__name__}: {reprlib.repr(str(exc))})") from None
 
 
 def check_torch_legacy(path: Path) -> None:
@@ -514,7 +568,12 @@ def check_torch_legacy(path: Path) -> None:
         _inert_load(path, f, "the system information")
         storages, _ = scan_pickle(path, f)
         keys = _inert_load(path, f, "the list of storage keys")
-        if not isinstance(keys, list) or set(keys) != set(storages) or len(keys) != len(storages):
+        if (
+            not isinstance(keys, list)
+            or not all(isinstance(k, str) for k in keys)
+            or len(keys) != len(storages)
+            or set(keys) != set(storages)
+        ):
             raise _fail(path, "the list of storage keys does not match the storages of the state dict")
         for key in keys:
             ref = storages[key]

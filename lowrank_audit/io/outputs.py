@@ -21,7 +21,7 @@ import re
 import shutil
 import socket
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from lowrank_audit.errors import LowrankAuditError, OptionError, OutputError
@@ -81,13 +81,17 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, someone else's
+    except (PermissionError, OverflowError, ValueError):  # alive and someone else's, or no PID of ours
         return True
     return True
 
 
 def remove_stale(folder: Path) -> list[Path]:
-    """Remove the temporaries that killed runs on this host left in ``folder``; returns them."""
+    """Remove the temporaries that killed runs on this host left in ``folder``; returns them.
+
+    A run killed while replacing a folder, between moving the old one aside (``.old``) and
+    moving the new one in, leaves the output missing: the old one is put back, not removed.
+    """
     removed = []
     try:
         entries = list(folder.iterdir())
@@ -96,6 +100,10 @@ def remove_stale(folder: Path) -> list[Path]:
     for entry in entries:
         match = _TEMPORARY.match(entry.name)
         if match is None or match["host"] != _HOST or _running(int(match["pid"])):
+            continue
+        output = folder / entry.name[1 : match.start("host") - len(".lowrank-audit.")]
+        if entry.name.endswith(".old") and not output.exists() and not output.is_symlink():
+            os.replace(entry, output)
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -106,12 +114,18 @@ def remove_stale(folder: Path) -> list[Path]:
 
 
 def _cause(exc: BaseException) -> str:
-    """The OS's words for a write failure: "No space left on device", "Read-only file system"."""
+    """The OS's words for a write failure: "No space left on device", "Read-only file system".
+
+    safetensors and pyarrow report them inside their own text ("... (os error 28)",
+    "Failed to open local file '<temporary>'. Detail: [errno 30] ..."), which would name the
+    temporary; the error number gives the words alone.
+    """
+    code = re.search(r"(?:os error|errno) (\d+)", str(exc), re.IGNORECASE)
+    if code:
+        return os.strerror(int(code[1]))
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    # safetensors reports I/O failures as text ending in "(os error 28)"
-    code = re.search(r"os error (\d+)", str(exc))
-    return os.strerror(int(code[1])) if code else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @contextmanager
@@ -163,7 +177,8 @@ def atomic_file(path: str | Path, *, force: bool = False) -> Iterator[Path]:
                 raise OptionError(f"{path} appeared while it was being written; use --force to replace it")
             os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # a read-only folder refuses even removing what is not there
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -194,8 +209,9 @@ def atomic_folder(path: str | Path, *, force: bool = False) -> Iterator[Path]:
                 os.replace(path, old)
             os.replace(tmp, path)
     finally:
-        if old.exists() and not path.exists():
-            os.replace(old, path)  # the new folder never took the name: the old one keeps it
+        with suppress(OSError):
+            if old.exists() and not path.exists():
+                os.replace(old, path)  # the new folder never took the name: the old one keeps it
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
