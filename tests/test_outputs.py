@@ -126,7 +126,8 @@ def test_plain_read_parquet_restores_nullable_integers(tmp_path):
     plain = pd.read_parquet(path)
     for column in ("layer", "expert", "k95", "signal_rank", "rows"):
         assert str(plain[column].dtype) == "Int64", column
-    assert plain["expert"].isna().sum() == 4 and plain["expert"].dropna().tolist() == [0, 1, 2, 3]  # 4 matrices, 4 experts
+    assert plain["expert"].isna().sum() == 4  # four plain matrices, then four experts
+    assert plain["expert"].dropna().tolist() == [0, 1, 2, 3]
     ours = read_report(path)
     pd.testing.assert_frame_equal(plain, ours, check_dtype=False)
     assert list(plain.columns) == list(ours.columns)

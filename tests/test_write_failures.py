@@ -180,13 +180,19 @@ def _wait_for_temporary(proc: subprocess.Popen, folder: Path, timeout: float = 6
     pytest.fail(f"no temporary appeared in {folder} (exit {proc.poll()})")
 
 
+def _signal_in_the_write_window(folder: Path, sig: int) -> tuple[subprocess.Popen, str, Path, Path]:
+    """Start a compress whose factor pass runs inside its write window, signal it once its
+    temporary exists; returns the process, its stderr, the checkpoint and the output."""
+    ckpt, out = _big_checkpoint(folder), folder / "lowrank"
+    proc = _start(["compress", str(ckpt), "--rank", "64", "--method", "exact", "--out", str(out)], folder)
+    _wait_for_temporary(proc, folder)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc, err, ckpt, out
+
+
 def test_a_kill_in_the_write_window_leaves_no_output_and_the_next_run_cleans_up(tmp_path):
-    ckpt = _big_checkpoint(tmp_path)
-    out = tmp_path / "lowrank"
-    proc = _start(["compress", str(ckpt), "--rank", "64", "--method", "exact", "--out", str(out)], tmp_path)
-    _wait_for_temporary(proc, tmp_path)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    _, _, ckpt, out = _signal_in_the_write_window(tmp_path, signal.SIGKILL)
     assert not out.exists()
     assert temporaries(tmp_path), "the killed run left its temporary (nothing could remove it)"
     # The next run that writes there removes it, and its own output is whole.
@@ -196,12 +202,7 @@ def test_a_kill_in_the_write_window_leaves_no_output_and_the_next_run_cleans_up(
 
 
 def test_ctrl_c_prints_one_line_exits_130_and_removes_its_temporaries(tmp_path):
-    ckpt = _big_checkpoint(tmp_path)
-    out = tmp_path / "lowrank"
-    proc = _start(["compress", str(ckpt), "--rank", "64", "--method", "exact", "--out", str(out)], tmp_path)
-    _wait_for_temporary(proc, tmp_path)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc, err, _, out = _signal_in_the_write_window(tmp_path, signal.SIGINT)
     assert proc.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == ["Error: interrupted; unfinished outputs were removed"], err
