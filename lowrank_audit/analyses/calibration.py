@@ -108,7 +108,7 @@ class WhitenedSource:
 
     def __init__(self, inner: MatrixSource, whitened: Mapping[str, Whitening]) -> None:
         self.inner, self.whitened = inner, dict(whitened)
-        self.specs, self.path, self.gram = inner.specs, inner.path, False
+        self.specs, self.path, self.gram, self.extras = inner.specs, inner.path, False, inner.extras
 
     def read(self, spec: MatrixSpec, out: torch.Tensor) -> list[float]:
         floors = self.inner.read(spec, out)

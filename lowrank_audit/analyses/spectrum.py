@@ -9,13 +9,16 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from lowrank_audit.bounds import tail_metrics
 from lowrank_audit.engine.batches import ProgressCallback
 from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
 from lowrank_audit.engine.decompose import MatrixResult, spectra
 from lowrank_audit.engine.needs import REPORT_NEED, Need
-from lowrank_audit.engine.sources import CheckpointSource
+from lowrank_audit.engine.sources import AdapterSource, CheckpointSource, MatrixSource
 from lowrank_audit.errors import OptionError, UnpairedTensorsWarning
+from lowrank_audit.io.adapters import adapter_specs, detect, open_adapter
 from lowrank_audit.io.checkpoint import open_checkpoint
 from lowrank_audit.io.provenance import hashing_inputs, provenance
 from lowrank_audit.io.selection import Selection, select_matrices
@@ -29,10 +32,14 @@ if TYPE_CHECKING:
 ReportRows = tuple[list[dict[str, Any]], dict[str, Any]]
 
 
-def report_row(result: MatrixResult, eps: float) -> dict[str, Any]:
-    """One report row: the matrix's identity, and the metrics of its singular values."""
+def report_row(result: MatrixResult, eps: float, extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One report row: the matrix's identity, the metrics of its singular values, and what its
+    source measured (``extras``: an adapter's factor balance)."""
     spec, s = result.spec, result.singular_values
     rows, cols = spec.matrix
+    if s is not None and result.method == "exact" and spec.audited is not None and len(s) < min(rows, cols):
+        # An adapter's core holds every nonzero singular value of its update: the rest are 0.
+        s = np.concatenate([s, np.zeros(min(rows, cols) - len(s))])
     row: dict[str, Any] = {
         "name": spec.name,
         "module": spec.module,
@@ -55,7 +62,7 @@ def report_row(result: MatrixResult, eps: float) -> dict[str, Any]:
         row["precision_floor"] = result.floor / result.energy if result.energy > 0 else None
     if result.tail is not None:
         row |= tail_metrics(result.tail, energy=result.energy, floor=result.floor, rows=rows, cols=cols, eps=eps)
-    return row
+    return row | (extras or {})
 
 
 def warn_unpaired(selection: Selection, stacklevel: int = 3) -> None:
@@ -146,14 +153,24 @@ def spectrum_rows(
         device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, rank_cap=rank_cap, seed=seed
     )
     with ExitStack() as stack:
-        ckpt = stack.enter_context(open_checkpoint(path))
-        base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
-        selection = select_matrices(ckpt, base=base_ckpt, include=include, exclude=exclude)
-        warn_unpaired(selection, stacklevel=4)  # at the line that called spectrum()
-        digests = stack.enter_context(hashing_inputs(ckpt, base_ckpt, hashed=hashed))  # overlaps the engine
-        source = CheckpointSource(ckpt, selection.specs, base=base_ckpt)
+        source: MatrixSource
+        if detect(path) is not None:  # a LoRA adapter: its updates, from their factors
+            if base is not None:
+                raise OptionError(f"{path} is a LoRA adapter: its updates are audited as they are, without --base")
+            adapter = stack.enter_context(open_adapter(path))
+            selection = Selection(*adapter_specs(adapter, include, exclude))
+            digests = stack.enter_context(hashing_inputs(adapter, hashed=hashed))
+            source = AdapterSource(adapter, selection.specs)
+        else:
+            ckpt = stack.enter_context(open_checkpoint(path))
+            base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
+            selection = select_matrices(ckpt, base=base_ckpt, include=include, exclude=exclude)
+            warn_unpaired(selection, stacklevel=4)  # at the line that called spectrum()
+            digests = stack.enter_context(hashing_inputs(ckpt, base_ckpt, hashed=hashed))  # overlaps the engine
+            source = CheckpointSource(ckpt, selection.specs, base=base_ckpt)
         results = spectra(source, config, need=need, progress=progress)
-        rows = sorted((report_row(r, config.eps) for r in results), key=lambda r: (r["name"], r["expert"] or 0))
+        rows = [report_row(r, config.eps, source.extras.get(r.spec.name)) for r in results]
+        rows.sort(key=lambda r: (r["name"], r["expert"] or 0))
         inputs = digests()
     metadata = provenance(
         command=command or f"lowrank_audit.spectrum({str(path)!r}, base={str(base) if base else None!r})",

@@ -39,11 +39,25 @@ TABLE = (
     ("signal_rank", "signal", "{}"),
     ("k95_ratio", "k95%", "{:.0%}"),
 )
+# An adapter's table: the rank it declares beside the ranks its update uses, and its balance.
+ADAPTER_TABLE = (
+    ("label", "module", "{}"),
+    ("matrix", "shape", "{}"),
+    ("adapter_rank", "r", "{}"),
+    ("numerical_rank", "used", "{}"),
+    ("k90", "k90", "{}"),
+    ("k95", "k95", "{}"),
+    ("k99", "k99", "{}"),
+    ("spectral_norm", "σ₁", "{:.3g}"),
+    ("factor_norm_ratio", "‖B‖/‖A‖", "{:.3g}"),
+    ("factor_imbalance", "imbalance", "{:.3g}"),
+)
 JSON_COLUMNS = (
     "name", "expert", "kind", "role", "layer", "rows", "cols", "dtype", "frobenius_norm", "spectral_norm",
     "nuclear_norm", "stable_rank", "effective_rank", "numerical_rank", "k90", "k95", "k99", "k90_lo", "k90_hi",
     "k95_lo", "k95_hi", "k99_lo", "k99_hi", "k95_ratio", "signal_rank", "noise_sigma", "noise_share",
-    "precision_floor", "condition_number", "nonfinite", "method", "k",
+    "precision_floor", "condition_number", "adapter_rank", "adapter_scale", "factor_norm_ratio", "factor_imbalance",
+    "nonfinite", "method", "k",
 )  # fmt: skip
 
 
@@ -51,8 +65,15 @@ JSON_COLUMNS = (
 # decomposed lacks the metric keys: ``.get``), so no frame is built unless --out asks for one.
 
 
+def _lowness(row: dict) -> float:
+    """How low-rank a row is: k95 over the rank it could have, min(rows, cols) or an adapter's declared r."""
+    if not missing(row.get("adapter_rank")) and not missing(row.get("k95")):
+        return row["k95"] / row["adapter_rank"]
+    return row["k95_ratio"]
+
+
 def summary_rows(rows: list[dict], top: int) -> list[dict]:
-    ranked = sorted((r for r in rows if not missing(r.get("k95_ratio"))), key=lambda r: (r["k95_ratio"], r["name"]))
+    ranked = sorted((r for r in rows if not missing(r.get("k95_ratio"))), key=lambda r: (_lowness(r), r["name"]))
     shown = []
     for row in ranked[:top]:
         label = row["module"] + ("" if missing(row["expert"]) else f"[{row['expert']}]")
@@ -81,10 +102,11 @@ def json_summary(rows: list[dict], meta: dict, out: Path | None) -> dict:
 def render(rows: list[dict], meta: dict, reporting: Reporting, elapsed: float, out: Path | None) -> None:
     if reporting.tables:
         shown = summary_rows(rows, reporting.top)
-        kinds = {"delta": "updates (checkpoint - base)", "activation": "activations"}
+        kinds = {"delta": "updates (checkpoint - base)", "activation": "activations", "adapter": "adapter updates"}
         distinct = {r["kind"] for r in rows}
         what = kinds.get(next(iter(distinct)), "matrices") if len(distinct) == 1 else "matrices"
-        out_console.print(table(shown, TABLE, f"Most low-rank {what} ({len(shown)} of {len(rows)}, by k95%)"))
+        columns, by = (ADAPTER_TABLE, "k95 / r") if distinct == {"adapter"} else (TABLE, "k95%")
+        out_console.print(table(shown, columns, f"Most low-rank {what} ({len(shown)} of {len(rows)}, by {by})"))
     for row in rows:
         if row["nonfinite"] > 0:
             what = "rows" if row["kind"] == "activation" else "entries"

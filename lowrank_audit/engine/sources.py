@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from lowrank_audit.io.activations import Moments
+from lowrank_audit.io.adapters import Adapter, balance, core
 from lowrank_audit.io.checkpoint import Checkpoint
 from lowrank_audit.io.selection import MatrixSpec, parse_name, read_matrices
 
@@ -31,6 +32,7 @@ class MatrixSource(Protocol):
     specs: tuple[MatrixSpec, ...]
     path: Path  # named in errors about a matrix
     gram: bool
+    extras: dict[str, dict[str, Any]]  # report values a source measures while reading, by matrix name
 
     def read(self, spec: MatrixSpec, out: torch.Tensor) -> list[float]:
         """Fill ``out`` (count, rows, cols), already in the compute dtype, with the matrices of ``spec``.
@@ -52,6 +54,7 @@ class CheckpointSource:
         self.ckpt, self.base, self.specs = ckpt, base, tuple(specs)
         self.path = ckpt.path
         self.gram = False
+        self.extras: dict[str, dict[str, Any]] = {}
 
     def read(self, spec: MatrixSpec, out: torch.Tensor) -> list[float]:
         return read_matrices(spec, self.ckpt, self.base, out)
@@ -75,6 +78,7 @@ class GramSource:
     ) -> None:
         self.moments, self.center, self.path, self.gram = dict(moments), center, path, True
         self.specs = tuple(_activation_spec(m) for m in self.moments.values())
+        self.extras: dict[str, dict[str, Any]] = {}
 
     def read(self, spec: MatrixSpec, out: torch.Tensor) -> list[float]:
         moments = self.moments[spec.name]
@@ -90,9 +94,34 @@ class GramSource:
         return None
 
 
+class AdapterSource:
+    """The updates ΔW = scale · B A of a LoRA adapter, each offered as its r x r core (same
+    singular values, :func:`lowrank_audit.io.adapters.core`): exact and cheap, and same-rank
+    modules batch together. Reading a module also measures its factor balance (``extras``)."""
+
+    def __init__(self, adapter: Adapter, specs: Sequence[MatrixSpec]) -> None:
+        self.adapter, self.specs, self.path, self.gram = adapter, tuple(specs), adapter.path, False
+        self.extras: dict[str, dict[str, Any]] = {}
+
+    def read(self, spec: MatrixSpec, out: torch.Tensor) -> list[float]:
+        module = self.adapter.modules[spec.name]
+        b, a = self.adapter.factors(spec.name)
+        c = core(b, a, module.scale)
+        out[0].copy_(c.T if module.transposed else c)
+        self.extras[spec.name] = balance(b, a) | {"adapter_rank": module.rank, "adapter_scale": module.scale}
+        return [0.0]  # the factors' rounding is not modelled
+
+    def stored_bytes(self, spec: MatrixSpec) -> int:
+        module = self.adapter.modules[spec.name]
+        return sum(self.adapter.weights.info(n).numel for n in (module.a, module.b)) * 2
+
+    def release(self) -> None:
+        self.adapter.weights.release()
+
+
 def _activation_spec(m: Moments) -> MatrixSpec:
     module, role, layer = parse_name(m.module)
     return MatrixSpec(m.module, module, role, layer, "activation", (m.count, m.width), "float64", m.width, m.width, 1)
 
 
-__all__ = ["CheckpointSource", "GramSource", "MatrixSource"]
+__all__ = ["AdapterSource", "CheckpointSource", "GramSource", "MatrixSource"]

@@ -27,7 +27,12 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("module", pa.string(), "module path: the name without its trailing '.weight'"),
     ("layer", pa.int64(), "first integer component of the name (null when none)"),
     ("role", pa.string(), "last component of the module path: q_proj, up_proj, embed_tokens, ..."),
-    ("kind", pa.string(), "weight, delta (fine-tuned minus base), or activation (a module's input rows)"),
+    (
+        "kind",
+        pa.string(),
+        "weight, delta (fine-tuned minus base), activation (a module's input rows), or adapter (a LoRA "
+        "module's update scale * B A)",
+    ),
     ("expert", pa.int64(), "index of the matrix in a 3-D tensor (null for 2-D and conv tensors)"),
     ("shape", pa.list_(pa.int64()), "stored tensor shape"),
     ("rows", pa.int64(), "rows of the audited matrix (for activations: the input rows N)"),
@@ -74,6 +79,14 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
         "share of ||W||_F^2 that rounding to the stored dtype puts in (both tensors of a delta)",
     ),
     ("condition_number", pa.float64(), "s1 / s_min (inf when s_min is 0)"),
+    ("adapter_rank", pa.int64(), "declared LoRA rank r of an adapter's module (null for other kinds)"),
+    ("adapter_scale", pa.float64(), "the adapter's scale: lora_alpha / r (alpha / sqrt(r) with rsLoRA)"),
+    ("factor_norm_ratio", pa.float64(), "||B||_F / ||A||_F of an adapter's stored factors"),
+    (
+        "factor_imbalance",
+        pa.float64(),
+        "||B^T B - A A^T||_F / (||B||_F ||A||_F): 0 for balanced factors; gradient flow conserves the numerator",
+    ),
     ("nonfinite", pa.int64(), "NaN or Inf entries (for activations: rows); such matrices are not decomposed"),
     ("method", pa.string(), "exact, randomized (top k only), or skipped (non-finite entries)"),
     ("k", pa.int64(), "number of singular values computed (min(rows, cols) when exact)"),

@@ -10,11 +10,20 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lowrank_audit._version import __version__
 from lowrank_audit.errors import CheckpointError
-from lowrank_audit.io.checkpoint import Checkpoint
+
+
+class Input(Protocol):
+    """What provenance records of an input (a :class:`~lowrank_audit.io.checkpoint.Checkpoint`
+    or an :class:`~lowrank_audit.io.adapters.Adapter`): the path given and every file read."""
+
+    path: Path
+
+    @property
+    def files(self) -> tuple[Path, ...]: ...
 
 
 class _Stopped(Exception):
@@ -39,11 +48,11 @@ def file_digest(path: Path, *, stop: threading.Event | None = None, hashed: bool
 
 
 def checkpoint_inputs(
-    ckpt: Checkpoint, base: Checkpoint | None = None, *, stop: threading.Event | None = None, hashed: bool = True
+    ckpt: Input, base: Input | None = None, *, stop: threading.Event | None = None, hashed: bool = True
 ) -> dict[str, Any]:
     """``{"checkpoint": {...}, "base": {...}}``: each with its path and every file's digest."""
 
-    def one(c: Checkpoint) -> dict[str, Any]:
+    def one(c: Input) -> dict[str, Any]:
         return {"path": str(c.path), "files": [file_digest(f, stop=stop, hashed=hashed) for f in c.files]}
 
     return {"checkpoint": one(ckpt)} | ({"base": one(base)} if base is not None else {})
@@ -51,7 +60,7 @@ def checkpoint_inputs(
 
 @contextmanager
 def hashing_inputs(
-    ckpt: Checkpoint, base: Checkpoint | None = None, *, hashed: bool = True
+    ckpt: Input, base: Input | None = None, *, hashed: bool = True
 ) -> Iterator[Callable[[], dict[str, Any]]]:
     """:func:`checkpoint_inputs` on a background thread; yields the function that waits for it.
 

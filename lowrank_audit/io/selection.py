@@ -43,12 +43,13 @@ class MatrixSpec:
     module: str
     role: str
     layer: int | None
-    kind: str  # "weight", "delta" or "activation"
+    kind: str  # "weight", "delta", "activation" or "adapter"
     shape: tuple[int, ...]
     dtype: str
     rows: int
     cols: int
     count: int
+    audited: tuple[int, int] | None = None  # when the engine reads a smaller matrix with the same spectrum
 
     @property
     def numel(self) -> int:
@@ -56,8 +57,11 @@ class MatrixSpec:
 
     @property
     def matrix(self) -> tuple[int, int]:
-        """Rows and columns of the audited matrix: ``(rows, cols)``, except for activations,
-        whose X (N x d) the engine reads as its d x d Gram matrix."""
+        """Rows and columns of the audited matrix: ``(rows, cols)``, except where the engine
+        reads a stand-in with the same singular values: an activation's X (N x d) as its d x d
+        Gram matrix, an adapter's update (out x in) as its r x r core (``audited``)."""
+        if self.audited is not None:
+            return self.audited
         return (self.shape[0], self.shape[1]) if self.kind == "activation" else (self.rows, self.cols)
 
 
