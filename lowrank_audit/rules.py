@@ -31,7 +31,9 @@ from lowrank_audit.metrics import rank_above
 DEFAULT_TOLERANCE = 1e-2
 NO_VALUE = "—"
 # What a rule can need besides the report, and the reason given when the check lacks it.
-NEEDS = {"updates": "needs --base BASE", "baseline": "needs --baseline REPORT"}
+NEEDS = {"updates": "needs updates: --base BASE, or a LoRA adapter as SOURCE", "baseline": "needs --baseline REPORT"}
+# Report kinds that are updates to a model: a fine-tune minus its base, and what a LoRA adapter applies.
+UPDATE_KINDS = ("delta", "adapter")
 # A rule that cannot run stops the check (exit 2), or, when its policy allows it, is skipped.
 UNEVALUABLE = ("error", "skip")
 
@@ -124,7 +126,7 @@ def unmet(rule: Rule, *, updates: bool, baseline: bool) -> str | None:
 
 def blocker(rule: Rule, report: pd.DataFrame, baseline: pd.DataFrame | None) -> str | None:
     """Why the rule cannot run on these reports (an unmet need, an absent column), or None."""
-    updates = bool((report["kind"] == "delta").any())
+    updates = bool(report["kind"].isin(UPDATE_KINDS).any())
     if reason := unmet(rule, updates=updates, baseline=baseline is not None):
         return reason
     frames = [("the report", report)]
@@ -240,7 +242,8 @@ class BoundRule:
 
 @dataclass(frozen=True)
 class AdapterRankRule:
-    """``[[adapter-rank]]``: every update has at most ``rank`` singular values above ``tolerance * s1``."""
+    """``[[adapter-rank]]``: every update (a delta, or a LoRA adapter's module) has at most ``rank``
+    singular values above ``tolerance * s1``."""
 
     rank: int
     tolerance: float = DEFAULT_TOLERANCE
@@ -258,7 +261,7 @@ class AdapterRankRule:
         return self.name or f"adapter rank ≤ {self.rank} at {self.tolerance:g}·σ₁{self.scope.describe()}"
 
     def evaluate(self, report: pd.DataFrame, baseline: pd.DataFrame | None) -> RuleResult:
-        rows = report[(report["kind"] == "delta") & self.scope.mask(report)]
+        rows = report[report["kind"].isin(UPDATE_KINDS) & self.scope.mask(report)]
         if rows.empty:
             return RuleResult(self.label, 0, skipped=self.scope.no_match("update"))
         limit, findings = f"≤ {self.rank}", []
@@ -360,6 +363,7 @@ class MembershipRule:
 __all__ = [
     "DEFAULT_TOLERANCE",
     "NEEDS",
+    "UPDATE_KINDS",
     "UNEVALUABLE",
     "AdapterRankRule",
     "BoundRule",

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from lowrank_audit.cli import app
 from lowrank_audit.formats.report import read_report
+from lowrank_audit.rules import NEEDS
 from tests.conftest import SAMPLES
 
 ROOT = SAMPLES.parent
@@ -34,6 +35,8 @@ layers = "*self_attn*"
 max = 32
 """
 FAILS = HOLDS.replace("max = 32", "max = 11")  # three attention matrices have stable rank 11.2 to 11.8
+
+UPDATES = NEEDS["updates"]
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +139,7 @@ def test_an_adapter_rank_rule_without_base_exits_2_and_writes_nothing(tmp_path):
     code, output, junit, md = run_check(tmp_path, FT, "--policy", write_policy(tmp_path, CLAIM), "-o", str(out))
     assert code == 2
     assert output == (
-        f"Error: rule '{CLAIM_LABEL}' cannot run: needs --base BASE; a gate never passes a rule it could not "
+        f"Error: rule '{CLAIM_LABEL}' cannot run: {UPDATES}; a gate never passes a rule it could not "
         'evaluate (to skip it instead, set unevaluable = "skip" in its table)\n'
     )
     assert not junit.exists() and not md.exists() and not out.exists()
@@ -145,7 +148,7 @@ def test_an_adapter_rank_rule_without_base_exits_2_and_writes_nothing(tmp_path):
     report = tmp_path / "weights.parquet"
     assert runner.invoke(app, ["spectrum", FT, "-o", str(report), "-q"]).exit_code == 0
     code, output, *_ = run_check(tmp_path, str(report), "--policy", write_policy(tmp_path, CLAIM))
-    assert code == 2 and output.startswith(f"Error: rule '{CLAIM_LABEL}' cannot run: needs --base BASE;")
+    assert code == 2 and output.startswith(f"Error: rule '{CLAIM_LABEL}' cannot run: {UPDATES};")
     # Negative control: with --base the same policy runs, and a full fine-tune breaks the claim.
     code, output, *_ = run_check(tmp_path, FT, "--base", BASE, "--policy", write_policy(tmp_path, CLAIM))
     assert code == 1 and "FAILED: 1 of 4 rules broken, 16 findings" in output
@@ -156,11 +159,11 @@ def test_an_adapter_rank_rule_allowed_to_skip_says_so_in_the_verdict(tmp_path):
     code, output, junit, md = run_check(tmp_path, FT, "--policy", policy, "--quiet")
     assert code == 0
     assert output == (  # --quiet: the verdict line alone
-        f"passed: 1 of 4 rules hold, 3 skipped ({CLAIM_LABEL}: needs --base BASE; forbid-added-layers, "
+        f"passed: 1 of 4 rules hold, 3 skipped ({CLAIM_LABEL}: {UPDATES}; forbid-added-layers, "
         f"forbid-removed-layers: needs --baseline REPORT); policy: {policy}\n"
     )
-    assert junit_cases(junit)[CLAIM_LABEL].find("skipped").get("message") == "needs --base BASE"
-    assert f"| ⏭️ | `{CLAIM_LABEL}` | — | skipped: needs --base BASE |" in md.read_text()
+    assert junit_cases(junit)[CLAIM_LABEL].find("skipped").get("message") == f"{UPDATES}"
+    assert f"| ⏭️ | `{CLAIM_LABEL}` | — | skipped: {UPDATES} |" in md.read_text()
     # Negative control: allowed to skip, it still runs and fails when it can.
     code, *_ = run_check(tmp_path, FT, "--base", BASE, "--policy", policy)
     assert code == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -331,3 +332,33 @@ def test_offline_and_without_huggingface_hub(cache, monkeypatch):
         "assert 'huggingface_hub' not in sys.modules, 'imported huggingface_hub'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+# the command line
+
+
+def test_commands_take_a_hub_id_and_a_revision(cache, no_hf_env, monkeypatch, tmp_path):
+    """`spectrum org/name --revision v1` audits the cached snapshot; without the model in the
+    cache, exit 2 naming the cache folder; --revision with a local path is refused."""
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from lowrank_audit.cli import app
+
+    model = cache / FOLDER
+    weights = tmp_path / "w.safetensors"
+    save_file({"layer.weight": torch.ones(4, 3), "other.weight": torch.eye(5)}, weights)
+    _link(model, C_V1, "model.safetensors", _blob(model, weights.read_bytes()))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    found = runner.invoke(app, ["spectrum", REPO, "--revision", "v1", "--json"])
+    assert found.exit_code == 0, found.output
+    assert sorted(r["name"] for r in json.loads(found.stdout)["rows"]) == ["layer.weight", "other.weight"]
+    at_main = runner.invoke(app, ["spectrum", REPO])  # main's snapshot holds no weights
+    assert at_main.exit_code == 2 and "no checkpoint in folder" in at_main.stderr
+    absent = runner.invoke(app, ["recommend", "org/absent"])
+    assert absent.exit_code == 2 and f"not in the Hugging Face cache at {cache}" in absent.stderr
+    assert "models--org--absent" in absent.stderr and len(absent.stderr.strip().splitlines()) == 1
+    local = runner.invoke(app, ["check", str(weights), "--revision", "v1"])
+    assert local.exit_code == 2 and "--revision v1 applies to a model named by hub id" in local.stderr

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import lowrank_audit
 from lowrank_audit.errors import OptionError, PolicyError, RuleNotEvaluable
 from lowrank_audit.policy import TABLE, CheckResult, check, load_policy, parse_policy, require_inputs
-from lowrank_audit.rules import DEFAULT_TOLERANCE, Finding, RuleResult, relative_change
+from lowrank_audit.rules import DEFAULT_TOLERANCE, NEEDS, Finding, RuleResult, relative_change
 from lowrank_audit.wording import plural
 from tests.conftest import SAMPLES, SV_ATOL, reference_singular_values
 
@@ -24,6 +24,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 FT, BASE = SAMPLES / "finetuned.safetensors", SAMPLES / "base.safetensors"
+
+UPDATES = NEEDS["updates"]
 
 
 @pytest.fixture(scope="module")
@@ -256,15 +258,13 @@ def test_claimed_rank_scope(delta):
 
 
 def test_a_claimed_rank_without_updates_cannot_run_unless_allowed(weights, delta):
-    with pytest.raises(
-        RuleNotEvaluable, match=r"^rule 'adapter rank ≤ 60 at 0.01·σ₁' cannot run: needs --base BASE;"
-    ) as err:
+    with pytest.raises(RuleNotEvaluable, match=rf"^rule 'adapter rank ≤ 60 at 0.01·σ₁' cannot run: {UPDATES};") as err:
         check(weights, policy("[adapter-rank]\nrank = 60"))
-    assert err.value.blocked == (("adapter rank ≤ 60 at 0.01·σ₁", "needs --base BASE"),)
-    with pytest.raises(RuleNotEvaluable, match=r"needs --base BASE"):
+    assert err.value.blocked == (("adapter rank ≤ 60 at 0.01·σ₁", f"{UPDATES}"),)
+    with pytest.raises(RuleNotEvaluable, match=rf"{UPDATES}"):
         require_inputs(policy("[adapter-rank]\nrank = 60"), updates=False, baseline=True)
     skipped = check(weights, policy('[adapter-rank]\nrank = 60\nunevaluable = "skip"')).results[1]
-    assert skipped.status == "skipped" and skipped.skipped == "needs --base BASE"
+    assert skipped.status == "skipped" and skipped.skipped == f"{UPDATES}"
     # Negative control: with updates it runs.
     require_inputs(policy("[adapter-rank]\nrank = 60"), updates=True, baseline=False)
     assert check(delta, policy("[adapter-rank]\nrank = 60")).results[1].checked == 16
@@ -289,8 +289,8 @@ def test_drift_without_a_baseline_cannot_run_but_membership_is_skipped(weights, 
 
 def test_every_rule_that_cannot_run_is_named_in_one_error(weights):
     both = '[adapter-rank]\nrank = 4\n[[drift]]\ncolumn = "k95"\nmax = 1'
-    with pytest.raises(RuleNotEvaluable, match=r"^2 rules cannot run: 'adapter rank ≤ 4 at 0.01·σ₁': needs --base "
-                       r"BASE; 'k95 drift ≤ 100 %': needs --baseline REPORT; a gate never passes"):  # fmt: skip
+    named = rf"^2 rules cannot run: 'adapter rank ≤ 4 at 0.01·σ₁': {UPDATES}; 'k95 drift ≤ 100 %': needs --baseline"
+    with pytest.raises(RuleNotEvaluable, match=named + " REPORT; a gate never passes"):
         check(weights, policy(both))
 
 

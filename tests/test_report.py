@@ -23,7 +23,8 @@ PINNED = {
     "k90_lo": "int64", "k90_hi": "int64", "k95_lo": "int64", "k95_hi": "int64", "k99_lo": "int64",
     "k99_hi": "int64", "k95_ratio": "double", "signal_rank": "int64", "noise_sigma": "double",
     "noise_share": "double", "precision_floor": "double", "condition_number": "double",
-    "adapter_rank": "int64", "adapter_scale": "double", "factor_norm_ratio": "double", "factor_imbalance": "double",
+    "adapter_rank": "int64", "adapter_scale": "double", "adapter_usage": "double",
+    "factor_norm_ratio": "double", "factor_imbalance": "double",
     "nonfinite": "int64",
     "method": "string", "k": "int64", "singular_values": "list<item: double>",
 }  # fmt: skip

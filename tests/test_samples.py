@@ -70,7 +70,8 @@ LABELS = ("dropout", "no_dropout")  # the linear network trained with dropout 0.
 DROPOUT = [f"dropout/{kind}-{label}.safetensors" for kind in ("activations", "weights") for label in LABELS]
 FILES = sorted([*MODEL_FILES, *SHARDED, "synthetic.safetensors", "synthetic.npz", "truncated.safetensors",
                 *CALIBRATION, *DROPOUT])  # fmt: skip
-SOURCES = {"README.md", "make_samples.py", "tiny_llama.py", "dropout_net.py"}  # in the folder, not made by the script
+SOURCES = {"README.md", "make_samples.py", "tiny_llama.py", "dropout_net.py", "make_lora_samples.py"}  # not made here
+OTHER_SCRIPTS = ("lora/",)  # made by make_lora_samples.py (sample_checkpoints/README.md)
 JSON_FILES = [f for f in FILES if f.endswith(".json")]
 TENSOR_FILES = [f for f in FILES if f.endswith((".safetensors", ".bin", ".npz")) and f != "truncated.safetensors"]
 
@@ -281,6 +282,7 @@ def data_files(folder: Path) -> list[str]:
     return sorted(
         str(p.relative_to(folder)) for p in folder.rglob("*")
         if p.is_file() and p.name not in SOURCES and "__pycache__" not in p.parts
+        and not str(p.relative_to(folder)).startswith(OTHER_SCRIPTS)
     )  # fmt: skip
 
 

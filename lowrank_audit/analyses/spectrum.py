@@ -62,7 +62,10 @@ def report_row(result: MatrixResult, eps: float, extras: dict[str, Any] | None =
         row["precision_floor"] = result.floor / result.energy if result.energy > 0 else None
     if result.tail is not None:
         row |= tail_metrics(result.tail, energy=result.energy, floor=result.floor, rows=rows, cols=cols, eps=eps)
-    return row | (extras or {})
+    row |= extras or {}
+    if row.get("adapter_rank") and row.get("k99") is not None:
+        row["adapter_usage"] = row["k99"] / row["adapter_rank"]
+    return row
 
 
 def warn_unpaired(selection: Selection, stacklevel: int = 3) -> None:

@@ -135,7 +135,10 @@ def check(
         raise OptionError(f"{source} is already a report; --out applies only when SOURCE is a checkpoint")
     rules = load_policy(policy)
     if source.suffix != ".parquet":  # refuse now, not after auditing (a report says what it holds)
-        require_inputs(rules, updates=base is not None, baseline=baseline is not None)
+        from lowrank_audit.io.adapters import detect
+
+        updates = base is not None or detect(source) is not None  # a LoRA adapter's report holds updates
+        require_inputs(rules, updates=updates, baseline=baseline is not None)
     before = read_report(baseline) if baseline is not None else None
     started = time.perf_counter()
     with progress_bar(reporting.progress and source.suffix != ".parquet") as progress:

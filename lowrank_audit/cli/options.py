@@ -220,6 +220,18 @@ def _reporting(top: TopOpt = 20, as_json: JsonOpt = False, quiet: QuietOpt = Fal
     return Reporting(top, as_json, quiet)
 
 
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="With a model named by its Hugging Face id (org/name) instead of a path: the branch, tag or commit "
+        "to read from the local cache (default main). Nothing is ever downloaded.",
+        metavar="REV",
+    ),
+]
+# Parameters naming a checkpoint, which may be a hub id; commands taking a --base get --revision.
+CHECKPOINT_PARAMETERS = ("checkpoint", "source", "base")
+
+
 # Option groups a command takes whole: the parameter it declares, and the function whose own
 # parameters become the command's options and whose result the command receives.
 GROUPS: dict[str, Callable[..., Any]] = {"engine": _engine, "rank_policy": _ranks, "reporting": _reporting}
@@ -230,6 +242,11 @@ def grouped(fn: Callable[..., Any]) -> Callable[..., Any]:
     ``rank_policy``, ``reporting``), so each group is declared here once and reaches the command
     as one value: ``engine`` the library's engine keyword arguments, ``rank_policy`` a validated
     :class:`~lowrank_audit.ranks.RankPolicy`, ``reporting`` a :class:`Reporting`.
+
+    A command that takes ``--base`` audits checkpoints, and gets ``--revision``: its checkpoint
+    (and base) may be a Hugging Face model id, resolved offline from the local cache
+    (:func:`lowrank_audit.io.hub.local`; ``--revision`` applies to the checkpoint, a base id
+    is read at ``main``).
 
     A group's validation error (conflicting rank options) is an ordinary one-line error.
     """
@@ -246,12 +263,24 @@ def grouped(fn: Callable[..., Any]) -> Callable[..., Any]:
         if p.name not in GROUPS
     ]
     params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name in groups for p in members[name]]
+    hub = "base" in own.parameters  # a command that audits checkpoints (spectrum, recommend, compress, check)
+    if hub:
+        params.append(
+            inspect.Parameter("revision", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RevisionOpt)
+        )
 
     @functools.wraps(fn)
     def command(**kwargs: Any) -> Any:
         with user_errors():
             for name in groups:
                 kwargs[name] = GROUPS[name](**{p.name: kwargs.pop(p.name) for p in members[name]})
+            if hub:  # models named by hub id become their cached snapshot folders, before anything runs
+                from lowrank_audit.io.hub import local
+
+                revision = kwargs.pop("revision")
+                for name in CHECKPOINT_PARAMETERS:
+                    if kwargs.get(name) is not None and not str(kwargs[name]).endswith(".parquet"):
+                        kwargs[name] = local(kwargs[name], revision if name != "base" else None)
             return fn(**kwargs)
 
     command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]

@@ -56,7 +56,8 @@ JSON_COLUMNS = (
     "name", "expert", "kind", "role", "layer", "rows", "cols", "dtype", "frobenius_norm", "spectral_norm",
     "nuclear_norm", "stable_rank", "effective_rank", "numerical_rank", "k90", "k95", "k99", "k90_lo", "k90_hi",
     "k95_lo", "k95_hi", "k99_lo", "k99_hi", "k95_ratio", "signal_rank", "noise_sigma", "noise_share",
-    "precision_floor", "condition_number", "adapter_rank", "adapter_scale", "factor_norm_ratio", "factor_imbalance",
+    "precision_floor", "condition_number", "adapter_rank", "adapter_scale", "adapter_usage", "factor_norm_ratio",
+    "factor_imbalance",
     "nonfinite", "method", "k",
 )  # fmt: skip
 

@@ -81,6 +81,11 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("condition_number", pa.float64(), "s1 / s_min (inf when s_min is 0)"),
     ("adapter_rank", pa.int64(), "declared LoRA rank r of an adapter's module (null for other kinds)"),
     ("adapter_scale", pa.float64(), "the adapter's scale: lora_alpha / r (alpha / sqrt(r) with rsLoRA)"),
+    (
+        "adapter_usage",
+        pa.float64(),
+        "k99 / adapter_rank: the share of its declared rank an adapter's update needs for 99 % of its energy",
+    ),
     ("factor_norm_ratio", pa.float64(), "||B||_F / ||A||_F of an adapter's stored factors"),
     (
         "factor_imbalance",

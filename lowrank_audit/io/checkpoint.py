@@ -367,7 +367,9 @@ def _resolve_folder(folder: Path) -> Path:
     for entry in _FOLDER_ENTRIES:
         if (folder / entry).is_file():
             return folder / entry
-    raise CheckpointError(f"{folder}: no checkpoint in folder; expected one of {', '.join(_FOLDER_ENTRIES)}")
+    raise CheckpointError(
+        f"{folder}: no checkpoint in folder; expected one of {', '.join(_FOLDER_ENTRIES)}, or adapter_config.json"
+    )
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

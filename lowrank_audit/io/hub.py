@@ -227,3 +227,24 @@ def resolve(repo_id: str, revision: str | None = None, *, cache: Path | str | No
             f"{folder}/snapshots/{commit} is missing from the cache at {root}; " + _fetch_hint(repo_id, asked)
         )
     return snapshot
+
+
+def local(path: str | Path, revision: str | None = None) -> Path:
+    """``path`` as a local path: itself when it exists (or is no hub id: the reader says it is
+    missing), else the cached snapshot of the model it names (:func:`resolve`).
+
+    Raises:
+        OptionError: ``revision`` given with a local path.
+        CheckpointError: A hub id that is not in the cache (see :func:`resolve`).
+    """
+    from lowrank_audit.errors import OptionError
+
+    text = str(path)
+    if not looks_like_hub_id(text):
+        if revision is not None:
+            raise OptionError(f"--revision {revision} applies to a model named by hub id; {text} is a local path")
+        return Path(path)
+    try:
+        return resolve(text, revision)
+    except CheckpointError as err:
+        raise CheckpointError(f"{text}: no such file or folder, and {err}") from None
