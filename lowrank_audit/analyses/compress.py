@@ -59,6 +59,7 @@ from lowrank_audit.errors import LowrankAuditError, OptionError, VerificationErr
 from lowrank_audit.formats import lowrank, peft
 from lowrank_audit.formats.peft import Plan, module_of
 from lowrank_audit.formats.report import build_frame, schema_of, write_report
+from lowrank_audit.io.adapters import detect
 from lowrank_audit.io.checkpoint import Checkpoint, open_checkpoint, same_bits
 from lowrank_audit.io.outputs import atomic_folder, check_target
 from lowrank_audit.io.provenance import file_digest, hashing_inputs, provenance
@@ -145,7 +146,8 @@ def compress(
     command: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> pd.DataFrame:
-    """Write a PEFT LoRA adapter of ``path - base`` (with ``base``) or a factorized checkpoint.
+    """Write a PEFT LoRA adapter of ``path - base`` (with ``base``) or a factorized checkpoint;
+    a LoRA adapter as ``path`` is resized in its own format (:func:`lowrank_audit.analyses.resize.resize`).
 
     Args:
         path: Fine-tuned checkpoint (with ``base``) or any checkpoint.
@@ -193,6 +195,17 @@ def compress(
         raise OptionError(f"embeddings must be one of {', '.join(peft.EMBEDDINGS)} but got {embeddings!r}")
     peft.check_options(bias=bias, task_type=task_type)
     policy = policy or RankPolicy.create()
+    if detect(path) is not None:  # a LoRA adapter: resized, in its own format
+        given = {"--base": base is not None, "--calibration": bool(calibration), "--embeddings": embeddings != "save",
+                 "--bias": bias != peft.DEFAULT_BIAS, "--task-type": task_type is not None,
+                 "--serving-safe": serving_safe}  # fmt: skip
+        if any(given.values()):
+            options = ", ".join(k for k, v in given.items() if v)
+            raise OptionError(f"{path} is a LoRA adapter, resized as it is: {options} apply to checkpoints")
+        from lowrank_audit.analyses.resize import resize
+
+        return resize(path, out, policy, include=include, exclude=exclude, force=force, command=command,
+                      progress=progress)  # fmt: skip
     config = EngineConfig.create(device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, seed=seed)
     with ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(path))
