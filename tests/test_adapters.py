@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import lowrank_audit
 from lowrank_audit.cli import app
-from lowrank_audit.errors import CheckpointError, OptionError
+from lowrank_audit.errors import CheckpointError
 from lowrank_audit.io.adapters import detect, open_adapter
 from tests.conftest import reference_singular_values
 
@@ -195,12 +195,12 @@ def test_refusals_name_the_file_and_why(tmp_path):
         open_adapter(plain)
 
 
-def test_cli_audits_an_adapter_and_refuses_base_with_it(tmp_path):
+def test_cli_audits_an_adapter_and_needs_a_matching_base_for_alignment(tmp_path):
     _peft_adapter(tmp_path / "adapter")
     result = runner.invoke(app, ["spectrum", str(tmp_path / "adapter")])
     assert result.exit_code == 0, result.output
     assert "Most low-rank adapter updates (3 of 3, by k95 / r)" in result.stdout
-    result = runner.invoke(app, ["spectrum", str(tmp_path / "adapter"), "--base", str(tmp_path / "adapter")])
-    assert result.exit_code == 2 and "is a LoRA adapter" in result.stderr
-    with pytest.raises(OptionError, match="without --base"):
-        lowrank_audit.spectrum(tmp_path / "adapter", base=tmp_path / "adapter")
+    other = tmp_path / "other.safetensors"
+    save_file({"unrelated.weight": torch.ones(3, 3)}, other)
+    result = runner.invoke(app, ["spectrum", str(tmp_path / "adapter"), "--base", str(other)])
+    assert result.exit_code == 2 and "no base weight for the adapter's module 'down_proj'" in result.stderr

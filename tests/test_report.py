@@ -25,6 +25,7 @@ PINNED = {
     "noise_share": "double", "precision_floor": "double", "condition_number": "double",
     "adapter_rank": "int64", "adapter_scale": "double", "adapter_usage": "double",
     "factor_norm_ratio": "double", "factor_imbalance": "double",
+    "base_angle": "double", "intruder_dimensions": "int64",
     "nonfinite": "int64",
     "method": "string", "k": "int64", "singular_values": "list<item: double>",
 }  # fmt: skip

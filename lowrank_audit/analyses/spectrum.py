@@ -11,15 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lowrank_audit.analyses.alignment import alignment as alignment_of
 from lowrank_audit.bounds import tail_metrics
 from lowrank_audit.engine.batches import ProgressCallback
 from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
 from lowrank_audit.engine.decompose import MatrixResult, spectra
 from lowrank_audit.engine.needs import REPORT_NEED, Need
 from lowrank_audit.engine.sources import AdapterSource, CheckpointSource, MatrixSource
-from lowrank_audit.errors import OptionError, UnpairedTensorsWarning
-from lowrank_audit.io.adapters import adapter_specs, detect, open_adapter
-from lowrank_audit.io.checkpoint import open_checkpoint
+from lowrank_audit.errors import OptionError, ShapeMismatchError, UnpairedTensorsWarning
+from lowrank_audit.io.adapters import adapter_specs, base_tensor, detect, open_adapter
+from lowrank_audit.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_audit.io.provenance import hashing_inputs, provenance
 from lowrank_audit.io.selection import Selection, select_matrices
 from lowrank_audit.metrics import matrix_metrics
@@ -146,11 +147,14 @@ def spectrum_rows(
     progress: ProgressCallback | None = None,
     need: Need = REPORT_NEED,
     hashed: bool = True,
+    alignment: bool = False,
 ) -> ReportRows:
     """:func:`spectrum` before its frame: the rows, sorted by name and expert, and the provenance.
 
     Without ``hashed`` the inputs' SHA-256 is left out (None): the CLI's table shows no
     digest, and hashing a 7B checkpoint costs seconds of CPU the decomposition could use.
+    With ``alignment`` (and a base; implied for an adapter with a base) each row gets
+    ``base_angle`` and ``intruder_dimensions`` (:mod:`lowrank_audit.analyses.alignment`).
     """
     config = EngineConfig.create(
         device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, rank_cap=rank_cap, seed=seed
@@ -158,11 +162,11 @@ def spectrum_rows(
     with ExitStack() as stack:
         source: MatrixSource
         if detect(path) is not None:  # a LoRA adapter: its updates, from their factors
-            if base is not None:
-                raise OptionError(f"{path} is a LoRA adapter: its updates are audited as they are, without --base")
             adapter = stack.enter_context(open_adapter(path))
+            base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
+            alignment = alignment or base_ckpt is not None  # a base is given to an adapter for nothing else
             selection = Selection(*adapter_specs(adapter, include, exclude))
-            digests = stack.enter_context(hashing_inputs(adapter, hashed=hashed))
+            digests = stack.enter_context(hashing_inputs(adapter, base_ckpt, hashed=hashed))
             source = AdapterSource(adapter, selection.specs)
         else:
             ckpt = stack.enter_context(open_checkpoint(path))
@@ -174,6 +178,10 @@ def spectrum_rows(
         results = spectra(source, config, need=need, progress=progress)
         rows = [report_row(r, config.eps, source.extras.get(r.spec.name)) for r in results]
         rows.sort(key=lambda r: (r["name"], r["expert"] or 0))
+        if alignment:
+            if base_ckpt is None:
+                raise OptionError("alignment against the base needs --base BASE")
+            _align(rows, source, base_ckpt)
         inputs = digests()
     metadata = provenance(
         command=command or f"lowrank_audit.spectrum({str(path)!r}, base={str(base) if base else None!r})",
@@ -187,11 +195,35 @@ def spectrum_rows(
             "seed": seed,
             "include": list(include),
             "exclude": list(exclude),
+            "alignment": alignment,
         },
         skipped=selection.skipped,
         unpaired=selection.unpaired,
     )
     return rows, metadata
+
+
+def _align(rows: list[dict[str, Any]], source: MatrixSource, base: Checkpoint) -> None:
+    """Add ``base_angle`` and ``intruder_dimensions`` to each row: the base matrix from ``base``,
+    the update from the source (a fine-tune's difference, or an adapter module's product)."""
+    specs = {s.name: s for s in source.specs}
+    for row in rows:
+        spec = specs[row["name"]]
+        if isinstance(source, AdapterSource):
+            name = base_tensor(source.adapter, spec.name, base)
+            update = source.adapter.delta(spec.name)
+        else:
+            name, update = spec.name, None
+        stored = base[name].reshape(spec.count, *spec.matrix)
+        index = row["expert"] or 0
+        w0 = stored[index]
+        if update is None:
+            update = source.ckpt[name].reshape(spec.count, *spec.matrix)[index].double() - w0.double()
+        if tuple(update.shape) != tuple(w0.shape):
+            shapes = f"{list(update.shape)} but {name!r} in {base.path} is {list(w0.shape)}"
+            raise ShapeMismatchError(f"the update of {spec.name!r} is {shapes}")
+        rank = row.get("k95") or row.get("k") or None
+        row |= alignment_of(w0, update, rank)
 
 
 # spectrum() takes spectrum_rows()'s options, declared once there; introspection shows them.

@@ -12,7 +12,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from lowrank_audit.cli.app import command, command_line
-from lowrank_audit.cli.options import ForceOpt, RankCapOpt, Reporting, SourceArg, base_option, path_option
+from lowrank_audit.cli.options import (
+    AlignmentOpt,
+    ForceOpt,
+    RankCapOpt,
+    Reporting,
+    SourceArg,
+    base_option,
+    path_option,
+)
 from lowrank_audit.cli.render import json_value, line, out_console, print_json, progress_bar
 
 if TYPE_CHECKING:
@@ -107,6 +115,7 @@ def check(
         ),
     ] = None,
     rank_cap: RankCapOpt = None,
+    alignment: AlignmentOpt = False,
     force: ForceOpt = False,
     *,
     engine: dict,
@@ -143,7 +152,7 @@ def check(
     started = time.perf_counter()
     with progress_bar(reporting.progress and source.suffix != ".parquet") as progress:
         report = load_spectrum(
-            source, base, rank_cap=rank_cap, progress=progress, command=command_line(), **engine
+            source, base, rank_cap=rank_cap, progress=progress, command=command_line(), alignment=alignment, **engine
         )  # fmt: skip
     result = run_check(report, rules, baseline=before)
     seconds = time.perf_counter() - started

@@ -90,6 +90,15 @@ MaxBatchOpt = Annotated[
         metavar="MIB",
     ),
 ]
+AlignmentOpt = Annotated[
+    bool,
+    typer.Option(
+        "--alignment",
+        help="With --base: add base_angle and intruder_dimensions to each row, where the update departs from "
+        "the base (three exact SVDs per matrix; implied for a LoRA adapter with --base).",
+        metavar="",
+    ),
+]
 RankCapOpt = Annotated[
     int | None,
     typer.Option(

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from lowrank_audit.cli.app import command, command_line
 from lowrank_audit.cli.options import (
+    AlignmentOpt,
     CheckpointArg,
     ExcludeOpt,
     ForceOpt,
@@ -57,7 +58,7 @@ JSON_COLUMNS = (
     "nuclear_norm", "stable_rank", "effective_rank", "numerical_rank", "k90", "k95", "k99", "k90_lo", "k90_hi",
     "k95_lo", "k95_hi", "k99_lo", "k99_hi", "k95_ratio", "signal_rank", "noise_sigma", "noise_share",
     "precision_floor", "condition_number", "adapter_rank", "adapter_scale", "adapter_usage", "factor_norm_ratio",
-    "factor_imbalance",
+    "factor_imbalance", "base_angle", "intruder_dimensions",
     "nonfinite", "method", "k",
 )  # fmt: skip
 
@@ -139,6 +140,7 @@ def spectrum(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     rank_cap: RankCapOpt = None,
+    alignment: AlignmentOpt = False,
     force: ForceOpt = False,
     *,
     engine: dict,
@@ -156,7 +158,8 @@ def spectrum(
         # The table shows no digest: inputs are hashed only for --out and --json.
         return spectrum_rows(
             checkpoint, base, include=include or (), exclude=exclude or (), rank_cap=rank_cap,
-            command=command_line(), progress=progress, hashed=out is not None or reporting.as_json, **engine,
+            command=command_line(), progress=progress, hashed=out is not None or reporting.as_json,
+            alignment=alignment, **engine,
         )  # fmt: skip
 
     report_command(audit, [checkpoint] + ([base] if base else []), out, force=force, reporting=reporting)

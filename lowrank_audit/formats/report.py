@@ -92,6 +92,18 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
         pa.float64(),
         "||B^T B - A A^T||_F / (||B||_F ||A||_F): 0 for balanced factors; gradient flow conserves the numerator",
     ),
+    (
+        "base_angle",
+        pa.float64(),
+        "largest principal angle (degrees) between the update's top-k95 left singular subspace and the "
+        "base's (with --alignment)",
+    ),
+    (
+        "intruder_dimensions",
+        pa.int64(),
+        "of the top 10 left singular vectors of base + update, those with cosine below 0.5 to every "
+        "base singular vector (with --alignment)",
+    ),
     ("nonfinite", pa.int64(), "NaN or Inf entries (for activations: rows); such matrices are not decomposed"),
     ("method", pa.string(), "exact, randomized (top k only), or skipped (non-finite entries)"),
     ("k", pa.int64(), "number of singular values computed (min(rows, cols) when exact)"),

@@ -239,6 +239,28 @@ def _module(
     return LoraModule(module, a, b, rank, alpha, scale, shape, embedding)
 
 
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_")
+
+
+def base_tensor(adapter: Adapter, module: str, base: Checkpoint) -> str:
+    """The base tensor a module's update applies to: ``<module>.weight`` (PEFT), or for a kohya
+    name the base weight whose dotted path, with dots as underscores, follows its prefix.
+
+    Raises:
+        CheckpointError: No such tensor in ``base``.
+    """
+    if adapter.format == "peft":
+        name = f"{module}.weight"
+        if name in base:
+            return name
+    else:
+        flat = {n.removesuffix(".weight").replace(".", "_"): n for n in base if n.endswith(".weight")}
+        for prefix in _KOHYA_PREFIXES:
+            if module.startswith(prefix) and module.removeprefix(prefix) in flat:
+                return flat[module.removeprefix(prefix)]
+    raise CheckpointError(f"{base.path}: no base weight for the adapter's module {module!r}")
+
+
 def adapter_specs(
     adapter: Adapter, include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> tuple[tuple[MatrixSpec, ...], dict[str, str]]:
@@ -289,4 +311,5 @@ def core(b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     return scale * (rb @ ra.T)
 
 
-__all__ = ["Adapter", "LoraModule", "adapter_specs", "balance", "core", "detect", "open_adapter", "pattern_value"]
+__all__ = ["Adapter", "LoraModule", "adapter_specs", "balance", "base_tensor", "core", "detect", "open_adapter",
+           "pattern_value"]  # fmt: skip
