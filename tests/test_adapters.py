@@ -204,3 +204,59 @@ def test_cli_audits_an_adapter_and_needs_a_matching_base_for_alignment(tmp_path)
     save_file({"unrelated.weight": torch.ones(3, 3)}, other)
     result = runner.invoke(app, ["spectrum", str(tmp_path / "adapter"), "--base", str(other)])
     assert result.exit_code == 2 and "no base weight for the adapter's module 'down_proj'" in result.stderr
+
+
+def test_fan_in_fan_out_updates_are_transposed_like_their_base(tmp_path):
+    """GPT-2's Conv1D stores its weight in x out; PEFT's update for it is (B A)ᵀ, and so is ours."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    base = transformers.GPT2LMHeadModel(config)
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    model.save_pretrained(tmp_path / "gpt2")
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    want = layer.get_delta_weight("default").detach().double()
+    with open_adapter(tmp_path / "gpt2") as adapter:
+        (name,) = adapter.modules
+        assert adapter.modules[name].shape == tuple(layer.base_layer.weight.shape) == (32, 96)
+        torch.testing.assert_close(adapter.delta(name), want, rtol=1e-5, atol=1e-6)
+
+
+def test_kohya_alpha_zero_means_r_and_dora_is_refused(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    down, up = torch.randn(4, 10, generator=gen), torch.randn(12, 4, generator=gen)
+    save_file(
+        {"m.lora_down.weight": down, "m.lora_up.weight": up, "m.alpha": torch.tensor(0.0)}, tmp_path / "z.safetensors"
+    )
+    with open_adapter(tmp_path / "z.safetensors") as adapter:
+        assert adapter.modules["m"].scale == 1.0  # sd-scripts: alpha 0 or absent is alpha = r
+    save_file({"m.lora_down.weight": down, "m.lora_up.weight": up, "m.dora_scale": torch.ones(1, 10)},
+              tmp_path / "d.safetensors")  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"d\.safetensors: tensor 'm\.dora_scale': DoRA"):
+        open_adapter(tmp_path / "d.safetensors")
+
+
+def test_pattern_keys_written_by_the_tool_match_one_module_only():
+    from lowrank_audit.formats.peft import module_pattern
+    from lowrank_audit.io.adapters import pattern_value
+
+    patterns = {module_pattern("a.q"): 2}
+    assert pattern_value(patterns, "a.q", 8) == 2 and pattern_value(patterns, "z.a.q", 8) == 8
+    assert pattern_value({r"a\.q": 2}, "z.a.q", 8) == 2  # the unanchored key PEFT would also apply there
+
+
+def test_a_base_of_another_shape_is_exit_2(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    save_file({"lora_q.lora_down.weight": torch.randn(2, 16, generator=gen),
+               "lora_q.lora_up.weight": torch.randn(16, 2, generator=gen)}, tmp_path / "l.safetensors")  # fmt: skip
+    save_file({"q.weight": torch.randn(32, 8, generator=gen)}, tmp_path / "base.safetensors")  # same numel, other shape
+    result = runner.invoke(
+        app, ["spectrum", str(tmp_path / "l.safetensors"), "--base", str(tmp_path / "base.safetensors")]
+    )
+    assert result.exit_code == 2 and "the update of the adapter's module 'lora_q' is [16, 16]" in result.stderr

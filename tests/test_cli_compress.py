@@ -31,7 +31,7 @@ def test_recommend_writes_ranks_and_a_peft_config(tmp_path):
     assert (ranks["rank"] % 4 == 0).all() and (ranks["energy_kept"] >= 0.9).all()
     config = json.loads((tmp_path / "cfg.json").read_text())
     assert sorted(config["target_modules"]) == sorted(ranks["module"])
-    assert config["rank_pattern"][r"model\.layers\.1\.mlp\.down_proj"] == int(
+    assert config["rank_pattern"][r"^model\.layers\.1\.mlp\.down_proj"] == int(
         ranks.loc[ranks["module"] == "model.layers.1.mlp.down_proj", "rank"].iloc[0]
     )
     assert config["alpha_pattern"] == config["rank_pattern"]

@@ -123,3 +123,12 @@ def test_checkpoint_options_are_refused_with_an_adapter(tmp_path):
                                  "--rank", "2", "--out", str(tmp_path / "o")])  # fmt: skip
     assert result.exit_code == 2 and "is a LoRA adapter, resized as it is: --base apply to checkpoints" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_rank_above_a_module_s_own_keeps_it_whole(tmp_path):
+    """--rank 12 on an r = 8 adapter: no module gets more values than it has (kohya keeps the
+    smaller rank too); the written updates are the originals."""
+    out = tmp_path / "r12"
+    _compress(LORA / "gd", "--rank", "12", "--out", out)
+    report = __import__("pandas").read_parquet(out / "compress-report.parquet")
+    assert (report["rank"] == 8).all() and report["relative_error"].max() < 1e-6

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
@@ -53,6 +54,10 @@ def _svd(adapter: Adapter, module: str) -> tuple[torch.Tensor, torch.Tensor, tor
     qa, _ = torch.linalg.qr(a.T)
     uc, s, vch = torch.linalg.svd(core(b, a, adapter.modules[module].scale))
     return qb @ uc, s, qa @ vch.T
+
+
+def _padded(s: torch.Tensor, side: int) -> np.ndarray:
+    return np.concatenate([s.numpy(), np.zeros(max(0, side - len(s)))])
 
 
 def _distance(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:
@@ -96,11 +101,15 @@ def resize(
         out = check_target(out, [adapter.path], force=force, folder=True)
         specs, _ = adapter_specs(adapter, include, exclude)
         svds = {spec.name: _svd(adapter, spec.name) for spec in specs}
+        # The update's whole spectrum: its core's values, then zeros (so a rank above r is
+        # allowed); no module is given more than the values it has (kohya keeps the smaller too).
         layers = [
-            LayerSpectrum(s.name, *s.matrix, svds[s.name][1].numpy(), float(svds[s.name][1].square().sum()))
+            LayerSpectrum(
+                s.name, *s.matrix, _padded(svds[s.name][1], min(s.matrix)), float(svds[s.name][1].square().sum())
+            )
             for s in specs
         ]
-        ranks = {a.name: a.rank for a in allocate(layers, policy)}
+        ranks = {a.name: min(a.rank, len(svds[a.name][1])) for a in allocate(layers, policy)}
         tensors = {name: adapter.weights[name] for name in adapter.weights}
         new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, (name, k) in enumerate(ranks.items()):
@@ -123,8 +132,12 @@ def resize(
 
 def _write(adapter: Adapter, tensors: dict[str, torch.Tensor], ranks: dict[str, int], folder: Path) -> Path:
     if adapter.format == "kohya":
+        from safetensors import safe_open
+
+        with safe_open(str(adapter.path), "pt") as original:  # training metadata (ss_*, modelspec.*) stays
+            metadata = original.metadata() or {"format": "pt"}
         target = folder / adapter.path.name
-        save_file({n: t.contiguous() for n, t in tensors.items()}, target, metadata={"format": "pt"})
+        save_file({n: t.contiguous() for n, t in tensors.items()}, target, metadata=metadata)
         return target
     config = dict(adapter.config)
     scales = {name: (ranks.get(name), m) for name, m in adapter.modules.items()}
@@ -171,11 +184,17 @@ def _verify(
                     f"(tolerance {rtol:.0e}); nothing written"
                 )
             error = _distance(b2, a2, b * m.scale, a) / math.sqrt(energy) if energy > 0 else 0.0
+            kept = min(float(s[:k].square().sum()) / energy, 1.0) if energy > 0 else 1.0
+            if not abs(error - math.sqrt(1.0 - kept)) <= 2 * rtol + 1e-6:  # Eckart–Young: the error of a truncation
+                raise VerificationError(
+                    f"module {name!r}: the written update is {error:.3g} from the original, but its rank-{k} "
+                    f"truncation should be {math.sqrt(1.0 - kept):.3g}; nothing written"
+                )
             rows_, cols_ = m.shape[0], math.prod(m.shape[1:])
             rows.append({
                 "name": name, "module": name, "treatment": "resized", "rows": rows_, "cols": cols_, "rank": k,
                 "params_before": m.rank * (rows_ + cols_), "params_after": k * (rows_ + cols_),
-                "energy_kept": min(float(s[:k].square().sum()) / energy, 1.0) if energy > 0 else 1.0,
+                "energy_kept": kept,
                 "relative_error": error, "update_share": energy, "calibrated": False,
             })  # fmt: skip
     total = sum(r["update_share"] for r in rows)

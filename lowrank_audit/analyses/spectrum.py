@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from lowrank_audit.analyses.alignment import alignment as alignment_of
 from lowrank_audit.bounds import tail_metrics
@@ -22,7 +23,7 @@ from lowrank_audit.errors import OptionError, ShapeMismatchError, UnpairedTensor
 from lowrank_audit.io.adapters import adapter_specs, base_tensor, detect, open_adapter
 from lowrank_audit.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_audit.io.provenance import hashing_inputs, provenance
-from lowrank_audit.io.selection import Selection, select_matrices
+from lowrank_audit.io.selection import Selection, matrix_view, select_matrices
 from lowrank_audit.metrics import matrix_metrics
 
 if TYPE_CHECKING:
@@ -159,6 +160,8 @@ def spectrum_rows(
     config = EngineConfig.create(
         device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, rank_cap=rank_cap, seed=seed
     )
+    if alignment and base is None:
+        raise OptionError("alignment against the base needs --base BASE")
     with ExitStack() as stack:
         source: MatrixSource
         if detect(path) is not None:  # a LoRA adapter: its updates, from their factors
@@ -178,9 +181,7 @@ def spectrum_rows(
         results = spectra(source, config, need=need, progress=progress)
         rows = [report_row(r, config.eps, source.extras.get(r.spec.name)) for r in results]
         rows.sort(key=lambda r: (r["name"], r["expert"] or 0))
-        if alignment:
-            if base_ckpt is None:
-                raise OptionError("alignment against the base needs --base BASE")
+        if alignment and base_ckpt is not None:
             _align(rows, source, base_ckpt)
         inputs = digests()
     metadata = provenance(
@@ -205,25 +206,34 @@ def spectrum_rows(
 
 def _align(rows: list[dict[str, Any]], source: MatrixSource, base: Checkpoint) -> None:
     """Add ``base_angle`` and ``intruder_dimensions`` to each row: the base matrix from ``base``,
-    the update from the source (a fine-tune's difference, or an adapter module's product)."""
+    the update from the source (a fine-tune's difference, or an adapter module's product).
+
+    Raises:
+        ShapeMismatchError: An adapter module's update and its base weight differ in shape.
+    """
     specs = {s.name: s for s in source.specs}
+    stacks: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # a 3-D tensor is read once for its experts
     for row in rows:
         spec = specs[row["name"]]
-        if isinstance(source, AdapterSource):
-            name = base_tensor(source.adapter, spec.name, base)
-            update = source.adapter.delta(spec.name)
-        else:
-            name, update = spec.name, None
-        stored = base[name].reshape(spec.count, *spec.matrix)
+        if spec.name not in stacks:
+            stacks.clear()
+            if isinstance(source, AdapterSource):
+                name = base_tensor(source.adapter, spec.name, base)
+                count, *matrix = matrix_view(base.info(name).shape)
+                if (count, *matrix) != (1, *spec.matrix):
+                    shapes = f"{list(spec.matrix)} but {name!r} in {base.path} is {list(base.info(name).shape)}"
+                    raise ShapeMismatchError(f"the update of the adapter's module {spec.name!r} is {shapes}")
+                update: torch.Tensor | None = source.adapter.delta(spec.name).reshape(1, *spec.matrix)
+            else:  # a checkpoint's delta: selection already checked the shapes
+                name, update = spec.name, None
+            w0 = base[name].reshape(spec.count, *spec.matrix).double()
+            if update is None:
+                update = source.ckpt[name].reshape(spec.count, *spec.matrix).double() - w0
+            stacks[spec.name] = (w0, update)
+        w0, update = stacks[spec.name]
         index = row["expert"] or 0
-        w0 = stored[index]
-        if update is None:
-            update = source.ckpt[name].reshape(spec.count, *spec.matrix)[index].double() - w0.double()
-        if tuple(update.shape) != tuple(w0.shape):
-            shapes = f"{list(update.shape)} but {name!r} in {base.path} is {list(w0.shape)}"
-            raise ShapeMismatchError(f"the update of {spec.name!r} is {shapes}")
         rank = row.get("k95") or row.get("k") or None
-        row |= alignment_of(w0, update, rank)
+        row |= alignment_of(w0[index], update[index], rank)
 
 
 # spectrum() takes spectrum_rows()'s options, declared once there; introspection shows them.

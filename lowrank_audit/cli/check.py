@@ -86,7 +86,10 @@ def check(
     source: SourceArg,
     base: Annotated[
         Path | None,
-        base_option("Base checkpoint: check the update SOURCE - BASE (adapter-rank rules cannot run without it)."),
+        base_option(
+            "Base checkpoint: check the update SOURCE - BASE (adapter-rank rules need updates: this, or a LoRA "
+            "adapter as SOURCE)."
+        ),
     ] = None,
     baseline: Annotated[
         Path | None,
@@ -123,7 +126,7 @@ def check(
 ) -> None:
     """Gate a release: check its spectra against a policy; exit 0 when every rule holds, 1 when one fails, 2 on bad input or a rule that cannot run.
 
-    Rules bound any numeric report column per layer (glob on names or roles), claim an adapter rank for an update (--base), limit drift against the last release's report (--baseline) and forbid NaN/Inf. A rule that cannot run (no --base or --baseline for it, a column absent from a report, globs matching no layer) exits 2 naming it, unless its policy table says unevaluable = "skip". See the README for every policy key.
+    Rules bound any numeric report column per layer (glob on names or roles), claim an adapter rank for an update (--base, or an adapter as SOURCE), limit drift against the last release's report (--baseline) and forbid NaN/Inf. A rule that cannot run (no --base or --baseline for it, a column absent from a report, globs matching no layer) exits 2 naming it, unless its policy table says unevaluable = "skip". See the README for every policy key.
 
     Example: lowrank-audit check release/ --baseline last-release.parquet --junit check.xml --markdown summary.md
     """

@@ -87,7 +87,7 @@ def compress(
     engine: dict,
     reporting: Reporting,
 ) -> None:
-    """Write a PEFT LoRA adapter of a fine-tune (--base), or a low-rank factorized checkpoint.
+    """Write a PEFT LoRA adapter of a fine-tune (--base), a low-rank factorized checkpoint, or a LoRA adapter resized.
 
     Each matrix is split as B = U sqrt(S), A = sqrt(S) Vh at the rank the options choose. The written files are re-opened and checked layer by layer; compress-report.parquet beside them gives rank, parameters, energy kept and relative error per tensor.
 

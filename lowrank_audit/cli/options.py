@@ -38,9 +38,16 @@ def path_argument(metavar: str, help: str) -> Any:
 
 CheckpointArg = Annotated[
     Path,
-    path_argument("CHECKPOINT", "Checkpoint: .safetensors, .bin/.pt/.pth, .npz, or a Hugging Face model folder."),
+    path_argument(
+        "CHECKPOINT",
+        "Checkpoint: .safetensors, .bin/.pt/.pth, .npz, a Hugging Face model folder or id (org/name), or a LoRA "
+        "adapter (PEFT folder or kohya file).",
+    ),
 ]
-SourceArg = Annotated[Path, path_argument("SOURCE", "A spectrum report (.parquet) or a checkpoint to audit first.")]
+SourceArg = Annotated[
+    Path,
+    path_argument("SOURCE", "A spectrum report (.parquet), or a checkpoint, hub id or LoRA adapter to audit first."),
+]
 
 # Selection.
 IncludeOpt = Annotated[

@@ -112,8 +112,9 @@ class AdapterSource:
         return [0.0]  # the factors' rounding is not modelled
 
     def stored_bytes(self, spec: MatrixSpec) -> int:
-        module = self.adapter.modules[spec.name]
-        return sum(self.adapter.weights.info(n).numel for n in (module.a, module.b)) * 2
+        module, weights = self.adapter.modules[spec.name], self.adapter.weights
+        itemsize = torch.empty(0, dtype=getattr(torch, spec.dtype)).element_size()
+        return sum(weights.info(n).numel for n in (module.a, module.b)) * itemsize
 
     def release(self) -> None:
         self.adapter.weights.release()

@@ -21,8 +21,9 @@ the sample pair (``tests/test_peft_format.py``):
 - ``leave_out``: not written; reported ``left_out`` with its share of the update.
 
 PEFT matches ``rank_pattern``/``alpha_pattern`` keys as regular expressions against the
-end of a module path after a dot, so a full path with its dots escaped matches only that
-module (``model.layers.1.`` cannot match ``model.layers.11.``).
+end of a module path after a dot, so a full path with its dots escaped and anchored by ``^``
+matches only that module (``model.layers.1.`` cannot match ``model.layers.11.``, nor
+``a.q`` the module ``z.a.q``).
 """
 
 from __future__ import annotations
@@ -263,7 +264,9 @@ def saved_name(tensor: str) -> str:
 
 
 def module_pattern(module: str) -> str:
-    return re.escape(module)
+    """A ``rank_pattern``/``alpha_pattern`` key matching exactly one module: PEFT matches
+    ``(.*\\.)?(key)$``, so an unanchored ``a\\.q`` would also match ``z.a.q``."""
+    return "^" + re.escape(module)
 
 
 def lora_config(

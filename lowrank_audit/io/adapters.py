@@ -9,14 +9,17 @@ Two formats, recognized by content wherever a checkpoint is accepted (:func:`det
   update is (B A)ᵀ). Each module's rank and alpha come from ``rank_pattern``/``alpha_pattern``
   when a key matches its path (as PEFT matches them: the key as a regular expression against
   the end of the path after a dot), else ``r``/``lora_alpha``; the scale is alpha / r, or
-  alpha / √r with ``use_rslora``.
+  alpha / √r with ``use_rslora``. With ``fan_in_fan_out`` (GPT-2's Conv1D, whose weight is
+  stored in × out) the update is (B A)ᵀ, as for an Embedding.
 - **kohya**: one ``.safetensors`` file with ``<prefix>.lora_down.weight`` [r, in(, kh, kw)],
   ``<prefix>.lora_up.weight`` [out, r(, 1, 1)] and ``<prefix>.alpha`` (alpha = r when
   absent); the scale is alpha / r. A conv update is read as the out × (in·kh·kw) matrix,
   as conv weights are.
 
-Other PEFT types (IA³, LoHa, ...), DoRA (which also rescales columns) and kohya's Tucker
-``lora_mid`` are refused by name. Tensors that are not factors (``modules_to_save`` copies,
+Other PEFT types (IA³, LoHa, ...), DoRA (PEFT's ``use_dora``, or a kohya/LyCORIS
+``dora_scale``: it also rescales columns), LoRA on parameters (``target_parameters``) and
+kohya's Tucker ``lora_mid`` are refused by name. A kohya alpha of 0 means alpha = r, as in
+sd-scripts. Tensors that are not factors (``modules_to_save`` copies,
 ``lora_B.bias``) are listed as skipped.
 """
 
@@ -58,7 +61,7 @@ class LoraModule:
     alpha: float
     scale: float
     shape: tuple[int, ...]  # the weight the update applies to: (out, in), (out, in, kh, kw) or (vocab, dim)
-    transposed: bool = False  # Embedding LoRA: ΔW = scale · (B A)ᵀ
+    transposed: bool = False  # Embedding LoRA, or fan_in_fan_out (Conv1D): ΔW = scale · (B A)ᵀ
 
 
 @dataclass
@@ -151,6 +154,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
     kind = config.get("peft_type", "LORA")
     if kind != "LORA":
         raise CheckpointError(f"{file}: peft_type {kind!r} is not a LoRA adapter (only LORA updates are B A)")
+    if config.get("target_parameters"):
+        raise CheckpointError(f"{file}: LoRA on parameters (target_parameters, MoE experts) is not supported")
     if config.get("use_dora"):
         raise CheckpointError(f"{file}: DoRA also rescales each column, so its update is not B A; not supported")
     if not isinstance(config.get("r", 8), int) or not isinstance(config.get("lora_alpha", 8), (int, float)):
@@ -192,8 +197,9 @@ def _open_peft(folder: Path) -> Adapter:
             raise CheckpointError(f"{weights_file}: module {module!r} has lora_{'AB'['A' in found]} but not its pair")
         rank = int(pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8)))
         alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
-        embedding = "embedding" in found
-        modules[module] = _module(weights, module, found["A"], found["B"], rank, alpha, use_rslora, embedding)
+        # An Embedding's update, and a Conv1D's (fan_in_fan_out: GPT-2 stores weights in x out), is (B A)ᵀ.
+        transposed = "embedding" in found or bool(config.get("fan_in_fan_out"))
+        modules[module] = _module(weights, module, found["A"], found["B"], rank, alpha, use_rslora, transposed)
     return Adapter(folder, "peft", weights, modules, config, skipped, folder / CONFIG)
 
 
@@ -207,6 +213,8 @@ def _open_kohya(path: Path) -> Adapter:
             factors.setdefault(match["module"], {})[match["which"]] = name
         elif name.endswith(".lora_mid.weight"):
             raise CheckpointError(f"{path}: tensor {name!r}: Tucker-decomposed (lora_mid) LoRA is not supported")
+        elif name.endswith(".dora_scale"):
+            raise CheckpointError(f"{path}: tensor {name!r}: DoRA also rescales each column, so its update is not B A")
         elif not name.endswith(".alpha"):
             skipped[name] = "not a LoRA factor"
     modules = {}
@@ -214,29 +222,27 @@ def _open_kohya(path: Path) -> Adapter:
         if len(found) != 2:
             raise CheckpointError(f"{path}: module {module!r} lacks its lora_down or lora_up factor")
         rank = weights.info(found["lora_down"]).shape[0]
-        alpha = float(weights[f"{module}.alpha"].item()) if f"{module}.alpha" in weights else float(rank)
+        alpha = float(weights[f"{module}.alpha"].item()) if f"{module}.alpha" in weights else 0.0
+        alpha = alpha or float(rank)  # sd-scripts reads a missing or zero alpha as alpha = r (scale 1)
         modules[module] = _module(weights, module, found["lora_down"], found["lora_up"], rank, alpha, False, False)
     return Adapter(path, "kohya", weights, modules, {}, skipped)
 
 
 def _module(
-    weights: Checkpoint, module: str, a: str, b: str, rank: int, alpha: float, rslora: bool, embedding: bool
+    weights: Checkpoint, module: str, a: str, b: str, rank: int, alpha: float, rslora: bool, transposed: bool
 ) -> LoraModule:
     """Check the factors' shapes against each other and the declared rank."""
     a_shape, b_shape = weights.info(a).shape, weights.info(b).shape
     where = f"{weights.path}: module {module!r}"
-    if embedding:  # lora_embedding_A [r, vocab], lora_embedding_B [dim, r]
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise CheckpointError(f"{where}: embedding factors {list(a_shape)} and {list(b_shape)} do not multiply")
-        shape = (a_shape[1], b_shape[0])
-    else:
-        if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1] or any(s != 1 for s in b_shape[2:]):
-            raise CheckpointError(f"{where}: factors {list(a_shape)} (A) and {list(b_shape)} (B) do not multiply")
-        shape = (b_shape[0], *a_shape[1:])
+    if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1] or any(s != 1 for s in b_shape[2:]):
+        raise CheckpointError(f"{where}: factors {list(a_shape)} (A) and {list(b_shape)} (B) do not multiply")
+    if transposed and len(a_shape) != 2:
+        raise CheckpointError(f"{where}: a transposed update (Embedding, fan_in_fan_out) needs 2-D factors")
+    shape = (a_shape[1], b_shape[0]) if transposed else (b_shape[0], *a_shape[1:])
     if a_shape[0] != rank:
         raise CheckpointError(f"{where}: its factors have rank {a_shape[0]} but the config declares {rank}")
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-    return LoraModule(module, a, b, rank, alpha, scale, shape, embedding)
+    return LoraModule(module, a, b, rank, alpha, scale, shape, transposed)
 
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_")
