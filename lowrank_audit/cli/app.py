@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -101,45 +103,75 @@ def _os_error(err: OSError) -> str:
 
 
 @contextmanager
+def _noting_interrupts() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is also noted: a library that catches it
+    mid-call and raises something else instead (torch and safetensors can, inside a read) must
+    not turn an interrupt into a read error."""
+    noted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        noted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def user_errors() -> Iterator[None]:
     """The one error path: each failure becomes one ``Error:`` line and its exit code.
 
-    Project errors and OS errors exit 2, Ctrl-C 130, a closed stdout 141 (silently),
-    anything else is a bug in this tool:
-    its traceback, then exit 70. ``--debug`` (or ``LOWRANK_AUDIT_DEBUG=1``) prints the
-    traceback of every error.
+    Project errors and OS errors exit 2, Ctrl-C 130 (whatever exception it surfaced as), a
+    closed stdout 141 (silently), anything else is a bug in this tool: its traceback, then
+    exit 70. ``--debug`` (or ``LOWRANK_AUDIT_DEBUG=1``) prints the traceback of every error.
     """
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-        for w in caught:
-            err_console.print(f"[yellow]Warning:[/] {_plain(str(w.message))}", highlight=False, soft_wrap=True)
-    except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
-        raise
-    except KeyboardInterrupt:
+    with _noting_interrupts() as interrupted:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                yield
+            for w in caught:
+                err_console.print(f"[yellow]Warning:[/] {_plain(str(w.message))}", highlight=False, soft_wrap=True)
+        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except BaseException as err:  # noqa: BLE001 - every failure ends here, as one line
+            if debug and not isinstance(err, KeyboardInterrupt):
+                traceback.print_exc()
+            raise typer.Exit(_report(err, interrupted.is_set())) from None
+
+
+def _report(err: BaseException, interrupted: bool) -> int:
+    """Print the one line for ``err`` and return the exit code."""
+    if interrupted or isinstance(err, KeyboardInterrupt):
         _error("interrupted; unfinished outputs were removed")
-        raise typer.Exit(INTERRUPTED) from None
-    except BrokenPipeError:
+        return INTERRUPTED
+    if isinstance(err, BrokenPipeError):
         # Nothing to say (stdout is gone, and `| head` is not a failure); stdout goes to
         # /dev/null so the interpreter's final flush does not complain either.
         with suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(CLOSED_PIPE) from None
-    except (LowrankAuditError, OSError, MemoryError) as err:
-        if debug:
-            traceback.print_exc()
-        if isinstance(err, LowrankAuditError):
-            _error(str(err))
-        elif isinstance(err, MemoryError):
-            _error(f"out of memory{': ' + str(err) if str(err) else ''}")
-        else:
-            _error(_os_error(err))
-        raise typer.Exit(getattr(err, "exit_code", 2)) from None
-    except Exception as err:
-        traceback.print_exc()
-        _error(f"internal error ({type(err).__name__}); this is a bug in lowrank-audit, please report it")
-        raise typer.Exit(INTERNAL) from None
+        return CLOSED_PIPE
+    if isinstance(err, LowrankAuditError):
+        _error(str(err))
+        return err.exit_code
+    if isinstance(err, MemoryError):
+        _error(f"out of memory{': ' + str(err) if str(err) else ''}")
+        return 2
+    if isinstance(err, OSError):
+        _error(_os_error(err))
+        return 2
+    if not isinstance(err, Exception):  # SystemExit and the like pass through as they are
+        raise err
+    if not debug:
+        traceback.print_exception(err)
+    _error(f"internal error ({type(err).__name__}); this is a bug in lowrank-audit, please report it")
+    return INTERNAL
 
 
 def command() -> typer.models.CommandFunctionType:
