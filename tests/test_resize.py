@@ -132,3 +132,16 @@ def test_a_rank_above_a_module_s_own_keeps_it_whole(tmp_path):
     _compress(LORA / "gd", "--rank", "12", "--out", out)
     report = __import__("pandas").read_parquet(out / "compress-report.parquet")
     assert (report["rank"] == 8).all() and report["relative_error"].max() < 1e-6
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path):
+    """Engine options do not apply to a resize (exact float64 SVDs of r x r cores); a report
+    takes neither --revision nor --alignment."""
+    result = runner.invoke(app, ["compress", str(LORA / "gd"), "--method", "exact", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--method apply to checkpoints" in result.stderr
+    report = tmp_path / "r.parquet"
+    assert runner.invoke(app, ["spectrum", str(LORA / "gd"), "--out", str(report), "-q"]).exit_code == 0
+    revision = runner.invoke(app, ["recommend", str(report), "--revision", "v1"])
+    assert revision.exit_code == 2 and "--revision applies to a checkpoint" in revision.stderr
+    alignment = runner.invoke(app, ["check", str(report), "--alignment"])
+    assert alignment.exit_code == 2 and "--alignment applies only when SOURCE is a checkpoint" in alignment.stderr

@@ -198,7 +198,9 @@ def compress(
     if detect(path) is not None:  # a LoRA adapter: resized, in its own format
         given = {"--base": base is not None, "--calibration": bool(calibration), "--embeddings": embeddings != "save",
                  "--bias": bias != peft.DEFAULT_BIAS, "--task-type": task_type is not None,
-                 "--serving-safe": serving_safe}  # fmt: skip
+                 "--serving-safe": serving_safe, "--method": method != DEFAULT_METHOD, "--device": device != "auto",
+                 "--dtype": dtype != "float32", "--max-batch-mb": max_batch_mb != DEFAULT_MAX_BATCH_MB,
+                 "--seed": seed != 0}  # fmt: skip
         if any(given.values()):
             options = ", ".join(k for k, v in given.items() if v)
             raise OptionError(f"{path} is a LoRA adapter, resized as it is: {options} apply to checkpoints")

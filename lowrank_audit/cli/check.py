@@ -143,6 +143,8 @@ def check(
     for path, option in ((out, "--out"), (junit, "--junit"), (markdown, "--markdown")):
         if path is not None:
             check_target(path, inputs, force=force, option=option)
+    if alignment and source.suffix == ".parquet":
+        raise OptionError(f"{source} is already a report: --alignment applies only when SOURCE is a checkpoint")
     if out is not None and source.suffix == ".parquet":
         raise OptionError(f"{source} is already a report; --out applies only when SOURCE is a checkpoint")
     rules = load_policy(policy)

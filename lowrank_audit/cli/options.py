@@ -291,12 +291,18 @@ def grouped(fn: Callable[..., Any]) -> Callable[..., Any]:
             for name in groups:
                 kwargs[name] = GROUPS[name](**{p.name: kwargs.pop(p.name) for p in members[name]})
             if hub:  # models named by hub id become their cached snapshot folders, before anything runs
+                from lowrank_audit.errors import OptionError
                 from lowrank_audit.io.hub import local
 
                 revision = kwargs.pop("revision")
                 for name in CHECKPOINT_PARAMETERS:
-                    if kwargs.get(name) is not None and not str(kwargs[name]).endswith(".parquet"):
-                        kwargs[name] = local(kwargs[name], revision if name != "base" else None)
+                    if kwargs.get(name) is None:
+                        continue
+                    if str(kwargs[name]).endswith(".parquet"):  # a report: nothing to resolve
+                        if revision is not None and name != "base":
+                            raise OptionError(f"--revision applies to a checkpoint; {kwargs[name]} is a report")
+                        continue
+                    kwargs[name] = local(kwargs[name], revision if name != "base" else None)
             return fn(**kwargs)
 
     command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ structure is checked here first, against the size of the file, and any inconsist
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -89,12 +90,19 @@ def _unique_keys(path: Path, what: str):  # noqa: ANN202 - a json object_pairs_h
 
 
 def safetensors_header(path: Path) -> dict[str, SafetensorsEntry]:
-    """The tensors a ``.safetensors`` file declares, after checking its structure.
+    """The tensors a ``.safetensors`` file declares, after checking its structure. The result
+    is kept for the file as it is (path, size, modification time): telling an adapter from a
+    checkpoint reads the same header the reader then needs.
 
     Raises:
         CheckpointError: The header length, JSON, a dtype, a shape or a byte range is wrong.
     """
-    size = path.stat().st_size
+    stat = path.stat()
+    return dict(_header(path.resolve(), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _header(path: Path, size: int, mtime: int) -> dict[str, SafetensorsEntry]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
