@@ -70,8 +70,9 @@ LABELS = ("dropout", "no_dropout")  # the linear network trained with dropout 0.
 DROPOUT = [f"dropout/{kind}-{label}.safetensors" for kind in ("activations", "weights") for label in LABELS]
 FILES = sorted([*MODEL_FILES, *SHARDED, "synthetic.safetensors", "synthetic.npz", "truncated.safetensors",
                 *CALIBRATION, *DROPOUT])  # fmt: skip
-SOURCES = {"README.md", "make_samples.py", "tiny_llama.py", "dropout_net.py", "make_lora_samples.py"}  # not made here
-OTHER_SCRIPTS = ("lora/",)  # made by make_lora_samples.py (sample_checkpoints/README.md)
+SOURCES = {"README.md", "make_samples.py", "tiny_llama.py", "dropout_net.py", "make_lora_samples.py",
+           "make_dmf_samples.py"}  # fmt: skip
+OTHER_SCRIPTS = ("lora/", "dmf/")  # made by make_lora_samples.py and make_dmf_samples.py (sample_checkpoints/README.md)
 JSON_FILES = [f for f in FILES if f.endswith(".json")]
 TENSOR_FILES = [f for f in FILES if f.endswith((".safetensors", ".bin", ".npz")) and f != "truncated.safetensors"]
 

@@ -27,6 +27,18 @@ INTRUDER_TOP = 10
 INTRUDER_THRESHOLD = 0.5
 
 
+def largest_principal_angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Degrees between the column spaces of ``a`` and ``b`` (orthonormal columns, as many each):
+    the largest principal angle, from its sine when it is small (arccos of a cosine near 1
+    would turn a rounding of 1e-16 into 1e-6 degrees) and from its cosine otherwise."""
+    m = a.T @ b
+    cos = float(torch.linalg.svdvals(m).min().clamp(max=1.0))
+    if cos < math.sqrt(0.5):
+        return math.degrees(math.acos(cos))
+    sin = float(torch.linalg.svdvals(b - a @ m).max().clamp(max=1.0))
+    return math.degrees(math.asin(sin))
+
+
 def alignment(base: torch.Tensor, update: torch.Tensor, rank: int | None) -> dict[str, float | int | None]:
     """``base_angle`` and ``intruder_dimensions`` of ``update`` applied to ``base`` (same 2-D shape)."""
     w0, delta = base.double(), update.double()
@@ -35,11 +47,10 @@ def alignment(base: torch.Tensor, update: torch.Tensor, rank: int | None) -> dic
     if rank and torch.any(delta != 0):
         ud = torch.linalg.svd(delta, full_matrices=False)[0]
         r = min(rank, ud.shape[1], u0.shape[1])
-        cosines = torch.linalg.svdvals(ud[:, :r].T @ u0[:, :r])
-        angle = math.degrees(math.acos(min(1.0, float(cosines.min()))))
+        angle = largest_principal_angle(ud[:, :r], u0[:, :r])
     top = torch.linalg.svd(w0 + delta, full_matrices=False)[0][:, :INTRUDER_TOP]
     best = (u0.T @ top).abs().max(dim=0).values
     return {"base_angle": angle, "intruder_dimensions": int((best < INTRUDER_THRESHOLD).sum())}
 
 
-__all__ = ["INTRUDER_THRESHOLD", "INTRUDER_TOP", "alignment"]
+__all__ = ["INTRUDER_THRESHOLD", "INTRUDER_TOP", "alignment", "largest_principal_angle"]

@@ -12,6 +12,7 @@ from lowrank_audit.cli import (  # noqa: F401 - registers the commands
     expand,
     recommend,
     spectrum,
+    trajectory,
 )
 from lowrank_audit.cli.app import app
 
