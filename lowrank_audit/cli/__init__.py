@@ -10,6 +10,7 @@ from lowrank_audit.cli import (  # noqa: F401 - registers the commands
     check,
     compress,
     expand,
+    plot,
     recommend,
     spectrum,
     trajectory,

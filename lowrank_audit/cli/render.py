@@ -68,7 +68,18 @@ def table(rows: Sequence[dict[str, Any]], columns: Columns, title: str) -> Table
         if heading in ("module", "layer", "rule"):
             out.add_column(heading, no_wrap=True, overflow="fold", min_width=16)
         else:
-            numeric = pattern != "{}" or heading in ("rank", "rows", "cols", "k90", "k95", "k99", "signal", "r", "used", "settled at")
+            numeric = pattern != "{}" or heading in (
+                "rank",
+                "rows",
+                "cols",
+                "k90",
+                "k95",
+                "k99",
+                "signal",
+                "r",
+                "used",
+                "settled at",
+            )
             out.add_column(heading, justify="right" if numeric else "left", no_wrap=True)
     for row in rows:
         out.add_row(*(fmt(row[column], pattern) for column, _, pattern in columns))
