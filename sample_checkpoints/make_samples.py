@@ -45,6 +45,7 @@ SEQ_LEN = 33
 BATCH = 32
 BASE_STEPS = 300
 FINETUNE_STEPS = 40
+SNAPSHOT_EVERY = 10  # fine-tune snapshots at steps 0, 10, 20, 30, 40 (finetune-snapshots/)
 FINETUNE_BATCH = 128
 SHIFTED_TOKENS = 8  # the fine-tuning task changes the successors of 8 of the 96 tokens
 # Known spectrum of the synthetic rank-4 matrix: energies 64, 16, 4, 1 (total 85), so
@@ -98,12 +99,16 @@ def train(
     steps: int,
     batch: int,
     gen: torch.Generator,
+    snapshot: Callable[[int], None] | None = None,
 ) -> None:
-    for _ in range(steps):
+    """``steps`` optimizer steps; ``snapshot(step)`` after each (it draws nothing from ``gen``)."""
+    for step in range(1, steps + 1):
         loss = model.loss(sample_sequences(transition, batch, gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if snapshot is not None:
+            snapshot(step)
 
 
 @torch.no_grad()
@@ -264,7 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     ft_task = shifted_chain(base_task, SHIFTED_TOKENS, gen)
     before = evaluate(model, ft_task, gen)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train(model, ft_task, sgd, FINETUNE_STEPS, FINETUNE_BATCH, gen)
+    # Snapshots of the fine-tune every SNAPSHOT_EVERY steps, for `trajectory --delta base`.
+    snapshots = out / "finetune-snapshots"
+    snapshots.mkdir(exist_ok=True)
+
+    def snapshot(step: int) -> None:
+        if step % SNAPSHOT_EVERY == 0:
+            save_file(state_dict(model), snapshots / f"step-{step:03d}.safetensors", metadata={"format": "pt"})
+
+    snapshot(0)
+    train(model, ft_task, sgd, FINETUNE_STEPS, FINETUNE_BATCH, gen, snapshot)
     finetuned = state_dict(model)
     ft_loss = evaluate(model, ft_task, gen)
 

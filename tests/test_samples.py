@@ -68,8 +68,9 @@ CALIBRATION = [f"calibration/{stem}-{i:05d}-of-{n:05d}.safetensors" for stem, n 
                "calibration/tokens.safetensors", "calibration/batches.safetensors"]  # fmt: skip
 LABELS = ("dropout", "no_dropout")  # the linear network trained with dropout 0.6 and without
 DROPOUT = [f"dropout/{kind}-{label}.safetensors" for kind in ("activations", "weights") for label in LABELS]
+SNAPSHOTS = [f"finetune-snapshots/step-{step:03d}.safetensors" for step in (0, 10, 20, 30, 40)]
 FILES = sorted([*MODEL_FILES, *SHARDED, "synthetic.safetensors", "synthetic.npz", "truncated.safetensors",
-                *CALIBRATION, *DROPOUT])  # fmt: skip
+                *CALIBRATION, *DROPOUT, *SNAPSHOTS])  # fmt: skip
 SOURCES = {"README.md", "make_samples.py", "tiny_llama.py", "dropout_net.py", "make_lora_samples.py",
            "make_dmf_samples.py"}  # fmt: skip
 OTHER_SCRIPTS = ("lora/", "dmf/")  # made by make_lora_samples.py and make_dmf_samples.py (sample_checkpoints/README.md)
@@ -527,3 +528,12 @@ def test_sample_files_stay_small(samples):
     for path in samples.rglob("*"):
         if path.is_file():
             assert path.stat().st_size < 400_000, path
+
+
+def test_finetune_snapshots_run_from_the_base_to_the_finetune(samples):
+    """The first snapshot is the base and the last the fine-tune, bit for bit."""
+    first = load_tensors(samples / SNAPSHOTS[0])
+    last = load_tensors(samples / SNAPSHOTS[-1])
+    base, finetuned = load_tensors(samples / "base.safetensors"), load_tensors(samples / "finetuned.safetensors")
+    assert first.keys() == base.keys() and all(torch.equal(first[k], base[k]) for k in base)
+    assert last.keys() == finetuned.keys() and all(torch.equal(last[k], finetuned[k]) for k in finetuned)
