@@ -212,11 +212,10 @@ def _matrix_rows(
         if ref is None:
             ref = (u, v, ok)
         both = [a and b for a, b in zip(ok, ref[2], strict=True)]
-        angle = (
-            max(largest_principal_angle(u[:, :r], last_u[:, :r]), largest_principal_angle(v[:, :r], last_v[:, :r]))
-            if r
-            else None
-        )
+        angle = None
+        if r and float(s[0]) > 0:  # a zero matrix (the first W(t) - W(0)) has no subspaces
+            left = largest_principal_angle(u[:, :r], last_u[:, :r])
+            angle = max(left, largest_principal_angle(v[:, :r], last_v[:, :r]))
         kind = {"base": "delta", "consecutive": "step"}.get(delta or "", "weight")
         rows.append({
             "name": spec.name, "module": spec.module, "layer": spec.layer, "role": spec.role,
