@@ -90,11 +90,15 @@ def _selected(frame: pd.DataFrame, layers: str | None) -> pd.DataFrame:
 
 
 def _source(frame: pd.DataFrame, fallback: str) -> str:
-    """What a report is of, from its provenance: ``finetuned.safetensors − base.safetensors``."""
-    inputs = frame.attrs.get("lowrank_audit", {}).get("inputs", {})
-    named = [Path(inputs[k]["path"]).name for k in ("checkpoint", "base") if isinstance(inputs.get(k), dict)]
+    """What a report is of, from its provenance: ``finetuned.safetensors − base.safetensors``,
+    the activation files, or a trajectory's first and last checkpoints."""
+    meta = frame.attrs.get("lowrank_audit", {})
+    inputs = meta.get("inputs") or meta.get("spectrum", {}).get("inputs", {})  # ranks keep their spectrum's
     if "checkpoints" in inputs:
         return f"{Path(inputs['checkpoints'][0]).name} … {Path(inputs['checkpoints'][-1]).name}"
+    if "activations" in inputs:
+        return "activations of " + ", ".join(Path(f["path"]).name for f in inputs["activations"])
+    named = [Path(inputs[k]["path"]).name for k in ("checkpoint", "base") if isinstance(inputs.get(k), dict)]
     return " − ".join(named) or fallback
 
 
@@ -131,7 +135,8 @@ def plot_data(reports: list[tuple[str, str, pd.DataFrame]], layers: str | None =
 
 
 def _spectrum(reports: list[tuple[str, str, pd.DataFrame]], layers: str | None, names: str) -> PlotData:
-    data = PlotData("spectrum", f"singular values of {names}")
+    # Several reports: each panel is titled by its source, the figure only says what it shows.
+    data = PlotData("spectrum", f"singular values of {names}" if len(reports) == 1 else "singular values")
     for path, _, frame in reports:
         panel = _source(frame, Path(path).name)
         frame = _selected(frame, layers)
