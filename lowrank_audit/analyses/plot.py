@@ -17,6 +17,7 @@ deficiencies); figures are 3.4 in wide per panel, the width of a paper column, w
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -164,7 +165,9 @@ def _spectrum(reports: list[tuple[str, str, pd.DataFrame]], layers: str | None, 
 
 def _trajectory(frame: pd.DataFrame, names: str) -> PlotData:
     first = _label(frame.iloc[0].to_dict())
-    rows = [r for r in frame.to_dict("records") if _label(r) == first]
+    rows = [r for r in frame.to_dict("records") if _label(r) == first and r["singular_values"] is not None]
+    if not rows:
+        raise OptionError(f"nothing to draw: {first} has no singular values in the report")
     steps = np.asarray([r["step"] if r["step"] is not None and not pd.isna(r["step"]) else r["index"] for r in rows],
                        dtype=np.float64)  # fmt: skip
     data = PlotData("trajectory", f"{first}: {names}")
@@ -175,7 +178,8 @@ def _trajectory(frame: pd.DataFrame, names: str) -> PlotData:
     data.xs["singular values"] = dict.fromkeys(data.curves["singular values"], steps)
     angles = {}
     for i in range(k):
-        u = np.asarray([np.nan if r["u_angles"][i] is None else r["u_angles"][i] for r in rows], dtype=np.float64)
+        u = np.asarray([np.nan if r["u_angles"] is None or r["u_angles"][i] is None else r["u_angles"][i]
+                        for r in rows], dtype=np.float64)  # fmt: skip
         if np.isfinite(u).any():
             angles[f"u{i + 1}"] = u
     angles["top-r subspace to last"] = np.asarray(
@@ -223,7 +227,7 @@ def render(data: PlotData, out: Path, image_format: str) -> None:
             fig.colorbar(image, ax=ax, label="k95")
         spectra = data.kind == "spectrum" and panel in data.curves
         ax.set_title(("normalized spectra" if len(data.curves) == 1 else panel) if spectra else panel)
-    fig.suptitle(data.title, fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(data.title, 58)), fontsize=8)  # a column's width of text
     fig.tight_layout()
     fig.savefig(out, dpi=200, format=image_format)
     plt.close(fig)

@@ -28,6 +28,7 @@ import math
 import re
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import torch
 from lowrank_audit.analyses.alignment import largest_principal_angle
 from lowrank_audit.errors import OptionError, ShapeMismatchError
 from lowrank_audit.formats.report import build_frame, schema_of
-from lowrank_audit.io.checkpoint import Checkpoint, open_checkpoint
+from lowrank_audit.io.checkpoint import open_checkpoint
 from lowrank_audit.io.provenance import hashing_inputs, provenance
 from lowrank_audit.io.selection import MatrixSpec, select_matrices
 from lowrank_audit.metrics import energy_rank
@@ -88,8 +89,12 @@ def checkpoint_order(
         raise OptionError(f"--step-regex {step_regex!r} is not a regular expression: {exc}") from None
 
     def step(path: Path) -> int | None:
-        found = pattern.search(path.name)
-        return int(found[1] if found and found.groups() else found[0]) if found else None
+        # The whole path: Hugging Face trainers write checkpoint-700/model.safetensors.
+        found = pattern.search(str(path))
+        text = (found[1] if found.groups() else found[0]) if found else None
+        if found and (text is None or not text.isdigit()):
+            raise OptionError(f"--step-regex {step_regex!r} must capture the step's digits ({path}: {text!r})")
+        return int(text) if text else None
 
     out = []
     for given in paths:
@@ -100,7 +105,7 @@ def checkpoint_order(
         matches = [Path(m) for m in glob.glob(str(given))]
         if not matches:
             raise OptionError(f"{given}: no checkpoint matches this pattern")
-        keyed = sorted(matches, key=lambda p: (step(p) is None, step(p) or 0, p.name))
+        keyed = sorted(matches, key=lambda p: (step(p) is None, step(p) or 0, str(p)))
         out += [(p, step(p)) for p in keyed]
     if len(out) < 2:
         raise OptionError("a trajectory needs at least two checkpoints")
@@ -150,26 +155,31 @@ def trajectory(
     if top_k < 1 or (subspace_rank is not None and subspace_rank < 1):
         raise OptionError("--top-k and --subspace-rank must be positive")
     order = checkpoint_order(paths, step_regex)
-    with ExitStack() as stack:
-        ckpts = [stack.enter_context(open_checkpoint(p)) for p, _ in order]
-        init = stack.enter_context(open_checkpoint(base)) if base is not None else ckpts[0]
-        specs = select_matrices(ckpts[0], include=include, exclude=exclude).specs
-        for ckpt in [*ckpts[1:], init]:
+    files = [p for p, _ in order] + ([Path(base)] if base is not None else [])
+    with open_checkpoint(files[0]) as first:
+        specs = select_matrices(first, include=include, exclude=exclude).specs
+        inputs: list[_Input] = [_Input(first.path, first.files)]
+    for path in files[1:]:  # one checkpoint open at a time: a legacy .bin is held whole while open
+        with open_checkpoint(path) as ckpt:
             for spec in specs:
                 if spec.name not in ckpt or ckpt.info(spec.name).shape != spec.shape:
                     where = "missing" if spec.name not in ckpt else f"of shape {list(ckpt.info(spec.name).shape)}"
                     raise ShapeMismatchError(
-                        f"{ckpt.path}: tensor {spec.name!r} is {where}, {list(spec.shape)} in {ckpts[0].path}"
+                        f"{ckpt.path}: tensor {spec.name!r} is {where}, {list(spec.shape)} in {files[0]}"
                     )
-        digests = stack.enter_context(hashing_inputs(ckpts[0], init if base is not None else None, hashed=hashed))
+            inputs.append(_Input(ckpt.path, ckpt.files))
+    with ExitStack() as stack:
+        digests = stack.enter_context(
+            hashing_inputs(inputs[0], inputs[-1] if base is not None else None, hashed=hashed)
+        )
         rows: list[dict[str, Any]] = []
         for spec in specs:
             for j in range(spec.count):
-                rows += _matrix_rows(spec, j, ckpts, order, init, delta, top_k, subspace_rank, settle_degrees)
-        inputs = digests() | {"checkpoints": [str(p) for p, _ in order]}
+                rows += _matrix_rows(spec, j, files, order, delta, top_k, subspace_rank, settle_degrees)
+        recorded = digests() | {"checkpoints": [str(p) for p, _ in order]}
     meta = provenance(
         command=command or "lowrank_audit.trajectory(...)",
-        inputs=inputs,
+        inputs=recorded,
         options={
             "delta": delta,
             "top_k": top_k,
@@ -182,38 +192,45 @@ def trajectory(
     return build_frame(rows, meta, schema=TRAJECTORY_SCHEMA)
 
 
-def _matrix_rows(
-    spec: MatrixSpec, j: int, ckpts: list[Checkpoint], order: list[tuple[Path, int | None]], init: Checkpoint,
-    delta: str | None, top_k: int, subspace_rank: int | None, settle_degrees: float,
-) -> list[dict[str, Any]]:  # fmt: skip
-    def read(ckpt: Checkpoint) -> torch.Tensor:
-        m = ckpt[spec.name].reshape(spec.count, spec.rows, spec.cols)[j].double()
-        ckpt.release()
-        return m
+@dataclass(frozen=True)
+class _Input:
+    """A checkpoint as provenance records it, after it is closed."""
 
-    w0 = read(init) if delta == "base" else None
+    path: Path
+    files: tuple[Path, ...]
+
+
+def _matrix_rows(
+    spec: MatrixSpec, j: int, files: list[Path], order: list[tuple[Path, int | None]], delta: str | None,
+    top_k: int, subspace_rank: int | None, settle_degrees: float,
+) -> list[dict[str, Any]]:  # fmt: skip
+    def read(path: Path) -> torch.Tensor:
+        with open_checkpoint(path) as ckpt:
+            return ckpt[spec.name].reshape(spec.count, spec.rows, spec.cols)[j].double().clone()
+
+    w0 = read(files[-1] if len(files) > len(order) else files[0]) if delta == "base" else None
     first = 1 if delta == "consecutive" else 0
 
     def matrix(t: int) -> torch.Tensor:
-        w = read(ckpts[t])
+        w = read(files[t])
         if delta == "base":
             return w - w0
-        return w - read(ckpts[t - 1]) if delta == "consecutive" else w
+        return w - read(files[t - 1]) if delta == "consecutive" else w
 
-    last_u, last_s, last_v = _svd(matrix(len(ckpts) - 1))
+    last_u, last_s, last_v = _svd(matrix(len(order) - 1))
     values = last_s.numpy()
     r = subspace_rank or energy_rank(values, float(np.square(values).sum()), 0.95) or None
     r = min(r, len(last_s)) if r else None
     k = min(top_k, len(last_s))
     rows, ref = [], None
-    for t in range(first, len(ckpts)):
-        u, s, v = (last_u, last_s, last_v) if t == len(ckpts) - 1 else _svd(matrix(t))
+    for t in range(first, len(order)):
+        u, s, v = (last_u, last_s, last_v) if t == len(order) - 1 else _svd(matrix(t))
         ok = _identifiable(s, k)
-        if ref is None:
+        if ref is None and float(s[0]) > 0:  # the first nonzero matrix (W(0) - W(0) is zero)
             ref = (u, v, ok)
-        both = [a and b for a, b in zip(ok, ref[2], strict=True)]
+        both = [a and b for a, b in zip(ok, ref[2], strict=True)] if ref is not None else [False] * k
         angle = None
-        if r and float(s[0]) > 0:  # a zero matrix (the first W(t) - W(0)) has no subspaces
+        if r and _separated(s, r):  # a top-r subspace exists only where σ_r stands above σ_r+1
             left = largest_principal_angle(u[:, :r], last_u[:, :r])
             angle = max(left, largest_principal_angle(v[:, :r], last_v[:, :r]))
         kind = {"base": "delta", "consecutive": "step"}.get(delta or "", "weight")
@@ -222,17 +239,24 @@ def _matrix_rows(
             "expert": j if len(spec.shape) == 3 else None, "checkpoint": str(order[t][0]), "index": t,
             "step": order[t][1], "kind": kind, "rows": spec.rows, "cols": spec.cols,
             "frobenius_norm": float(s.square().sum().sqrt()), "singular_values": s[:k].tolist(),
-            "u_angles": _angles(u, ref[0], both), "v_angles": _angles(v, ref[1], both),
+            "u_angles": _angles(u, ref[0] if ref else u, both), "v_angles": _angles(v, ref[1] if ref else v, both),
             "subspace_rank": r, "subspace_angle": angle,
         })  # fmt: skip
+    # The last checkpoint is 0° from itself: settling there says nothing, so it needs one more.
+    by_step = all(row["step"] is not None for row in rows)
     settled = None
-    for row in reversed(rows):
+    for row in reversed(rows[:-1]):
         if row["subspace_angle"] is None or row["subspace_angle"] > settle_degrees:
             break
-        settled = row["step"] if row["step"] is not None else row["index"]
+        settled = row["step"] if by_step else row["index"]
     for row in rows:
         row["settling_step"] = settled
     return rows
+
+
+def _separated(s: torch.Tensor, r: int) -> bool:
+    below = float(s[r]) if r < len(s) else 0.0
+    return float(s[0]) > 0 and float(s[r - 1]) - below > IDENTIFIABLE_GAP * float(s[0])
 
 
 __all__ = ["DELTAS", "IDENTIFIABLE_GAP", "TRAJECTORY_COLUMNS", "TRAJECTORY_SCHEMA", "checkpoint_order", "trajectory"]

@@ -11,9 +11,10 @@ from rich.markup import escape
 from lowrank_audit.cli.app import command, command_line
 from lowrank_audit.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, Reporting, path_option
 from lowrank_audit.cli.render import frame_rows, line, missing, out_console, print_json, table
+from lowrank_audit.wording import plural
 
 TABLE = (("module", "module", "{}"), ("first", "σ₁ first", "{:.3g}"), ("last", "σ₁ last", "{:.3g}"),
-         ("growth", "growth", "{:.2f}×"), ("rank", "r", "{}"), ("start_angle", "angle at start", "{:.1f}°"),
+         ("growth", "growth", "{:.2f}×"), ("rank", "r", "{}"), ("start_angle", "first angle", "{:.1f}°"),
          ("settling_step", "settled at", "{}"))  # fmt: skip
 JSON_COLUMNS = ("name", "expert", "checkpoint", "index", "step", "kind", "rows", "cols", "frobenius_norm",
                 "singular_values", "u_angles", "v_angles", "subspace_rank", "subspace_angle", "settling_step")  # fmt: skip
@@ -87,9 +88,10 @@ def trajectory(
         summary.append({
             "module": name + ("" if missing(expert) else f"[{int(expert)}]"),
             "first": s0, "last": s1, "growth": s1 / s0 if s0 > 0 else float("nan"),
-            "rank": first["subspace_rank"], "start_angle": first["subspace_angle"], "settling_step": first["settling_step"],
+            "rank": first["subspace_rank"], "start_angle": rows["subspace_angle"].dropna().iloc[0]
+            if rows["subspace_angle"].notna().any() else None, "settling_step": first["settling_step"],
         })  # fmt: skip
     if reporting.tables:
-        title = f"Trajectory over {frame['index'].nunique()} checkpoints ({len(summary)} matrices)"
+        title = f"Trajectory over {frame['index'].nunique()} checkpoints ({plural(len(summary), 'matrix', 'matrices')})"
         out_console.print(table(summary[: reporting.top], TABLE, title))
     line(f"{len(frame)} rows written to {escape(str(out))}")
