@@ -40,7 +40,7 @@ from lowrank_audit.engine.batches import Progress, ProgressCallback
 from lowrank_audit.errors import VerificationError
 from lowrank_audit.formats import peft
 from lowrank_audit.formats.report import build_frame, write_report
-from lowrank_audit.io.adapters import CONFIG, Adapter, LoraModule, adapter_specs, core, open_adapter
+from lowrank_audit.io.adapters import CONFIG, Adapter, LoraModule, adapter_specs, core, factorize, open_adapter
 from lowrank_audit.io.outputs import atomic_folder, check_target
 from lowrank_audit.io.provenance import hashing_inputs, provenance
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
@@ -49,10 +49,8 @@ from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
 def _svd(adapter: Adapter, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U, S, V)`` in float64 with scale · B A = U diag(S) Vᵀ (B A as stored: an embedding's
     update is its transpose, and its factors keep their orientation)."""
-    b, a = (t.double() for t in adapter.factors(module))
-    qb, _ = torch.linalg.qr(b)
-    qa, _ = torch.linalg.qr(a.T)
-    uc, s, vch = torch.linalg.svd(core(b, a, adapter.modules[module].scale))
+    qb, c, qa = factorize(*adapter.factors(module), adapter.modules[module].scale)
+    uc, s, vch = torch.linalg.svd(c)
     return qb @ uc, s, qa @ vch.T
 
 

@@ -27,7 +27,6 @@ import glob
 import math
 import re
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,10 +167,7 @@ def trajectory(
                         f"{ckpt.path}: tensor {spec.name!r} is {where}, {list(spec.shape)} in {files[0]}"
                     )
             inputs.append(_Input(ckpt.path, ckpt.files))
-    with ExitStack() as stack:
-        digests = stack.enter_context(
-            hashing_inputs(inputs[0], inputs[-1] if base is not None else None, hashed=hashed)
-        )
+    with hashing_inputs(inputs[0], inputs[-1] if base is not None else None, hashed=hashed) as digests:
         rows: list[dict[str, Any]] = []
         for spec in specs:
             for j in range(spec.count):

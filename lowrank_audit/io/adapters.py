@@ -309,13 +309,18 @@ def balance(b: torch.Tensor, a: torch.Tensor) -> dict[str, float]:
     }
 
 
+def factorize(b: torch.Tensor, a: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Q_B, C, Q_A)`` with scale · B A = Q_B C Q_Aᵀ: B = Q_B R_B and Aᵀ = Q_A R_A (reduced QR,
+    in float64), C = scale · R_B R_Aᵀ the r × r core, Q_B and Q_A orthonormal, so σ(C) = σ(scale · B A)."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().T)
+    return qb, scale * (rb @ ra.T), qa
+
+
 def core(b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
-    """The r × r core C with σ(C) = σ(scale · B A): B = Q_B R_B and Aᵀ = Q_A R_A (reduced QR,
-    in float64), so scale · B A = Q_B (scale · R_B R_Aᵀ) Q_Aᵀ with orthonormal Q_B, Q_A."""
-    _, rb = torch.linalg.qr(b.double())
-    _, ra = torch.linalg.qr(a.double().T)
-    return scale * (rb @ ra.T)
+    """The r × r core of scale · B A (:func:`factorize`): its singular values are the update's."""
+    return factorize(b, a, scale)[1]
 
 
-__all__ = ["Adapter", "LoraModule", "adapter_specs", "balance", "base_tensor", "core", "detect", "open_adapter",
-           "pattern_value"]  # fmt: skip
+__all__ = ["Adapter", "LoraModule", "adapter_specs", "balance", "base_tensor", "core", "detect", "factorize",
+           "open_adapter", "pattern_value"]  # fmt: skip

@@ -153,7 +153,7 @@ def _refused(path: Path, exc: pickle.UnpicklingError, pickled: bytes) -> Checkpo
     text = str(exc)
     named = re.search(r"GLOBAL ([\w.]+)", text)
     why = re.search(r"WeightsUnpickler error: ([^\n]*)", text) or re.search(r"[^\n]*Unsupported[^\n]*", text)
-    reason = (why[1] if why and why.lastindex else why[0] if why else _reason(exc)).strip()
+    reason = (why[1] if why and why.lastindex else why[0] if why else integrity.first_line(exc)).strip()
     return integrity.refusal(path, named[1] if named else None, pickled, reason)
 
 
@@ -180,7 +180,9 @@ class _TorchReader(_Reader):
         except pickle.UnpicklingError as exc:
             raise _refused(self.path, exc, self._pickle_bytes()) from exc
         except Exception as exc:  # noqa: BLE001 - torch's parser on a damaged file raises IndexError, AssertionError, ...
-            raise CheckpointError(f"{self.path}: cannot read {self.path.suffix} checkpoint: {_reason(exc)}") from exc
+            raise CheckpointError(
+                f"{self.path}: cannot read {self.path.suffix} checkpoint: {integrity.first_line(exc)}"
+            ) from exc
         if not isinstance(obj, Mapping):
             raise CheckpointError(
                 f"{self.path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
@@ -252,16 +254,11 @@ def _open_file(path: Path) -> _Reader:
     except CheckpointError:
         raise
     except _UNREADABLE as exc:
-        raise CheckpointError(f"{path}: cannot read {suffix} checkpoint: {_reason(exc)}") from exc
+        raise CheckpointError(f"{path}: cannot read {suffix} checkpoint: {integrity.first_line(exc)}") from exc
     raise CheckpointError(
         f"{path}: unknown checkpoint format {suffix or '(no suffix)'!r}; "
         "expected .safetensors, .bin, .pt, .pth, .npz or a model folder"
     )
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _shard_paths(index: Path) -> dict[str, Path]:
@@ -273,12 +270,12 @@ def _shard_paths(index: Path) -> dict[str, Path]:
     except OSError as exc:
         raise CheckpointError(f"{index}: cannot read shard index: {exc.strerror or exc}") from exc
     try:
-        weight_map = json.loads(text, object_pairs_hook=_no_duplicates(index))["weight_map"]
+        weight_map = json.loads(text, object_pairs_hook=integrity.unique_keys(index, "the shard index"))["weight_map"]
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
-            f"{index}: not a valid shard index (need a JSON object with 'weight_map'): {_reason(exc)}"
+            f"{index}: not a valid shard index (need a JSON object with 'weight_map'): {integrity.first_line(exc)}"
         ) from exc
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: 'weight_map' is not an object of tensor names to shard files")
@@ -291,18 +288,6 @@ def _shard_paths(index: Path) -> dict[str, Path]:
             )
         out[name] = index.parent / relative
     return out
-
-
-def _no_duplicates(path: Path):  # noqa: ANN202 - a json object_pairs_hook
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise CheckpointError(f"{path}: {key!r} appears twice")
-            out[key] = value
-        return out
-
-    return hook
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):
@@ -336,7 +321,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         except CheckpointError:
             raise
         except _UNREADABLE as exc:
-            raise CheckpointError(f"{reader.path}: cannot read tensor {name!r}: {_reason(exc)}") from exc
+            raise CheckpointError(f"{reader.path}: cannot read tensor {name!r}: {integrity.first_line(exc)}") from exc
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._infos)
@@ -403,7 +388,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             try:
                 found = shard.is_file()
             except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
-                raise CheckpointError(f"{entry}: shard {str(shard)[:200]!r}: {_reason(exc)}") from exc
+                raise CheckpointError(f"{entry}: shard {str(shard)[:200]!r}: {integrity.first_line(exc)}") from exc
             if not found:
                 first = next(n for n, s in shards.items() if s == shard)
                 raise CheckpointError(f"{entry}: shard {shard} (of tensor {first!r}) is missing")

@@ -61,9 +61,24 @@ def _fail(path: Path, what: str) -> CheckpointError:
     return CheckpointError(f"{path}: {what}")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """A library's message as one line for ours (its type's name when it says nothing)."""
     text = str(exc).strip()
-    return text.splitlines()[0][:80] if text else type(exc).__name__
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def unique_keys(path: Path, what: str):  # noqa: ANN202 - a json object_pairs_hook
+    """Parse JSON objects refusing a key given twice (``json`` keeps the last silently)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise _fail(path, f"{what} names {key!r} twice")
+            seen[key] = value
+        return seen
+
+    return hook
 
 
 # ---------------------------------------------------------------------------------------- safetensors
@@ -75,18 +90,6 @@ class SafetensorsEntry:
     shape: tuple[int, ...]
     begin: int  # byte range inside the data section
     end: int
-
-
-def _unique_keys(path: Path, what: str):  # noqa: ANN202 - a json object_pairs_hook
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in seen:
-                raise _fail(path, f"{what} names {key!r} twice")
-            seen[key] = value
-        return seen
-
-    return hook
 
 
 def safetensors_header(path: Path) -> dict[str, SafetensorsEntry]:
@@ -112,7 +115,7 @@ def _header(path: Path, size: int, mtime: int) -> dict[str, SafetensorsEntry]:
             raise _fail(path, f"corrupt safetensors header length {length} (file has {size} bytes)")
         raw = f.read(length)
     try:
-        header = json.loads(raw, object_pairs_hook=_unique_keys(path, "the safetensors header"))
+        header = json.loads(raw, object_pairs_hook=unique_keys(path, "the safetensors header"))
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, CheckpointError):
             raise
@@ -620,7 +623,7 @@ def npz_members(path: Path, archive: zipfile.ZipFile) -> tuple[ZipIntegrity, dic
                 shape, fortran, dtype = read(member, max_header_size=1 << 20)
                 header = member.tell()
         except Exception as exc:  # noqa: BLE001 - NumPy parses the header with ast and tokenize: any of theirs
-            raise _fail(path, f"{where}: unreadable .npy header ({_first_line(exc)})") from None
+            raise _fail(path, f"{where}: unreadable .npy header ({first_line(exc, 80)})") from None
         if dtype.hasobject:
             raise _fail(path, f"{where} holds Python objects (dtype {dtype.str}); such arrays are never unpickled")
         nbytes = math.prod(shape) * dtype.itemsize
@@ -632,4 +635,5 @@ def npz_members(path: Path, archive: zipfile.ZipFile) -> tuple[ZipIntegrity, dic
 
 
 __all__ = ["MAX_HEADER", "NpyMember", "SafetensorsEntry", "ZipIntegrity", "check_torch_legacy", "check_torch_zip",
-           "npz_members", "pickle_globals", "refusal", "safetensors_header", "scan_pickle"]  # fmt: skip
+           "first_line", "npz_members", "pickle_globals", "refusal", "safetensors_header", "scan_pickle",
+           "unique_keys"]  # fmt: skip
