@@ -53,3 +53,19 @@ class RuleNotEvaluable(LowrankAuditError, ValueError):
 class VerificationError(LowrankAuditError, RuntimeError):
     """Files just written do not reproduce what they stand for (checked on re-reading them);
     the message names the file, the module or tensor and by how much. Nothing is written."""
+
+
+def describe(err: BaseException) -> tuple[str, int] | None:
+    """The one line and exit code for an error a user can act on (2), or None for a bug.
+
+    Shared by the CLI's error path and by :mod:`lowrank_audit.distributed`, which sends a
+    failure on one process to the others as this pair.
+    """
+    if isinstance(err, LowrankAuditError):
+        return str(err), err.exit_code
+    if isinstance(err, MemoryError):
+        return f"out of memory{': ' + str(err) if str(err) else ''}", 2
+    if isinstance(err, OSError):  # outside our readers and writers (a report, a policy file)
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror or err}", 2
+    return None

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowrank_audit.analyses.spectrum import ReportRows, report_row
+from lowrank_audit.distributed import current
 from lowrank_audit.engine.batches import ProgressCallback
 from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
 from lowrank_audit.engine.decompose import spectra
 from lowrank_audit.engine.sources import GramSource
 from lowrank_audit.errors import NoMatricesSelected
-from lowrank_audit.io.activations import read_activations
+from lowrank_audit.io.activations import activation_layout, read_activations
 from lowrank_audit.io.provenance import file_digest, provenance
 from lowrank_audit.io.selection import wanted
 
@@ -74,22 +75,34 @@ def activation_rows(
 ) -> ReportRows:
     """:func:`activations` before its frame: the rows, sorted by module, and the provenance."""
     config = EngineConfig.create(device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, seed=seed)
-    moments = {m: v for m, v in read_activations(paths).items() if wanted(m, include, exclude)}
-    if not moments:
+    layout = {m: size for m, size in activation_layout(paths).items() if wanted(m, include, exclude)}
+    if not layout:
         raise NoMatricesSelected(f"{', '.join(map(str, paths))}: no module to audit after --include/--exclude")
-    source = GramSource(moments, center=center, path=Path(paths[0]))
-    rows = []
-    for result in spectra(source, config, progress=progress):
-        # The decomposed matrix is the d x d Gram, whose eigenvalues err by about eps·λ₁
-        # whatever N is: the numerical-rank cut-off σ₁·max(N, d)·eps must not grow with N.
-        rows_n, width = result.spec.matrix
-        row = report_row(result, GRAM_EPS * width / max(rows_n, width, 1))
-        row["nonfinite"] = moments[result.spec.name].nonfinite
-        rows.append(row)
-    rows.sort(key=lambda r: r["name"])
+    world = current()  # under torchrun: each process reads and decomposes its share of the modules
+    # Work: reading N rows into the d x d Gram, then its eigenvalues.
+    share = world.share(list(layout), lambda m: layout[m][0] * layout[m][1] ** 2 + layout[m][1] ** 3)
+
+    files = [Path(p) for p in paths]
+    hashed = world.share(files, lambda f: f.stat().st_size)  # each file's SHA-256 by one process
+
+    def audit() -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        moments = read_activations(paths, modules=set(share)) if share else {}
+        rows = []
+        for result in spectra(GramSource(moments, center=center, path=Path(paths[0])), config, progress=progress):
+            # The decomposed matrix is the d x d Gram, whose eigenvalues err by about eps·λ₁
+            # whatever N is: the numerical-rank cut-off σ₁·max(N, d)·eps must not grow with N.
+            rows_n, width = result.spec.matrix
+            row = report_row(result, GRAM_EPS * width / max(rows_n, width, 1))
+            row["nonfinite"] = moments[result.spec.name].nonfinite
+            rows.append(row)
+        return rows, {str(f): file_digest(f) for f in hashed}
+
+    parts = world.gather(audit)
+    rows = sorted((row for part, _ in parts for row in part), key=lambda r: r["name"])
+    digests = {path: digest for _, part in parts for path, digest in part.items()}
     metadata = provenance(
         command=command or f"lowrank_audit.activations({[str(p) for p in paths]!r}, center={center})",
-        inputs={"activations": [file_digest(Path(p)) for p in paths]},
+        inputs={"activations": [digests[str(f)] for f in files]},
         device=config.device_name,
         options={"center": center, "include": list(include), "exclude": list(exclude)},
         skipped={},

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_audit.distributed import World, block, current
 from lowrank_audit.errors import CheckpointError, LowrankAuditError, NoMatricesSelected, OptionError
 from lowrank_audit.io.activations import Moments, write_dumps, write_moments
 from lowrank_audit.io.model_inputs import DEFAULT_BATCH_SIZE, load_model, one_line, open_batches
@@ -296,6 +297,17 @@ def capture(
         >>> result = capture(model, [{"input_ids": ids}], include=["*.mlp.*"])
         >>> result.moments["model.layers.0.mlp.down_proj"].gram().shape
     """
+    result, selected = _record(model, batches, include=include, exclude=exclude, raw=raw, max_rows=max_rows,
+                               progress=progress)  # fmt: skip
+    _warn(result, selected, max_rows)
+    return result
+
+
+def _record(
+    model: nn.Module, batches: Iterable[Any], *, include: Sequence[str], exclude: Sequence[str], raw: bool,
+    max_rows: int, progress: BatchProgress | None,
+) -> tuple[Capture, list[str]]:  # fmt: skip
+    """:func:`capture` without its warnings: the result, and the modules selected."""
     if max_rows < 1:
         raise OptionError(f"max-rows must be a positive integer but got {max_rows}")
     selected = select_linear(model, include, exclude)
@@ -320,9 +332,7 @@ def capture(
         for m, mode in modes.items():
             m.training = mode
         recorder.run = None
-    result = recorder.result(done)
-    _warn(result, selected, max_rows)
-    return result
+    return recorder.result(done), list(selected)
 
 
 _HOOK_CODE = ("pre_hook", "record", "_room", "_copy", "flush", "_keep", "_commit")
@@ -369,26 +379,79 @@ def capture_to_file(
     from lowrank_audit.engine.config import resolve_device
 
     out = check_target(out, [inputs], force=force)
-    batches = open_batches(inputs, batch_size=batch_size)
-    dev = resolve_device(device)
-    module = load_model(model).to(dev)
-    try:
-        result = capture(module, batches, include=include, exclude=exclude, raw=raw, max_rows=max_rows,
-                         progress=progress)  # fmt: skip
-    except LowrankAuditError:
-        raise
-    except Exception as exc:
-        if _in_our_hook(exc):
-            raise
-        raise OptionError(f"--model {model}: the forward pass on {inputs} (tensors {', '.join(batches.names)}, "
-                          f"--batch-size {batch_size}) failed: {one_line(exc)}") from exc  # fmt: skip
-    if result.batches == 0:
+    every = open_batches(inputs, batch_size=batch_size)
+    if len(every) == 0:
         raise CheckpointError(f"{inputs}: holds no rows (first dimension 0): nothing to run the model on")
-    if raw:
-        write_dumps(result.rows, out, force=force)
-    else:
-        write_moments(result.moments.values(), out, force=force)
+    world = current()  # under torchrun: each process runs a block of the batches, the sums go to rank 0
+    batches = every.part(block(len(every), world))
+    dev = resolve_device(device)
+
+    def forward_share() -> tuple[Capture, list[str]]:
+        module = load_model(model).to(dev)
+        try:
+            return _record(module, batches, include=include, exclude=exclude, raw=raw, max_rows=max_rows,
+                           progress=progress)  # fmt: skip
+        except LowrankAuditError:
+            raise
+        except Exception as exc:
+            if _in_our_hook(exc):
+                raise
+            raise OptionError(f"--model {model}: the forward pass on {inputs} (tensors {', '.join(every.names)}, "
+                              f"--batch-size {batch_size}) failed: {one_line(exc)}") from exc  # fmt: skip
+
+    result, selected = world.run(forward_share)
+    result = combine(result, world, raw=raw, max_rows=max_rows)
+    _warn(result, selected, max_rows)
+
+    def write() -> None:
+        if raw:
+            write_dumps(result.rows, out, force=force)
+        else:
+            write_moments(result.moments.values(), out, force=force)
+
+    world.on_main(write)
     return result
 
 
-__all__ = ["DEFAULT_MAX_ROWS", "Capture", "capture", "capture_to_file", "select_linear"]
+def combine(result: Capture, world: World, *, raw: bool = False, max_rows: int = DEFAULT_MAX_ROWS) -> Capture:
+    """Every process's capture (each of its own batches, in rank order) as one, on rank 0.
+
+    Moments are summed in float64 (a reduction over the processes: equal to one process's
+    sums within float64 rounding); with ``raw`` the rows are concatenated in rank order and
+    cut at ``max_rows`` (the ranks hold consecutive blocks of batches, so this is batch
+    order); modules share an accumulator only where they shared one on every process. The
+    other processes get their own capture back. Alone, ``result`` is returned as it is.
+    """
+    if world.size == 1:
+        return result
+    widths = {n: m.width for n, m in result.moments.items()}
+    summary = (result.seen, widths, [list(g) for g in result.groups], result.batches,
+               {n: (m.count, m.nonfinite) for n, m in result.moments.items()})  # fmt: skip
+    summaries = world.gather(lambda: summary)
+    names = sorted({n for seen, *_ in summaries for n in seen})
+    seen = {n: sum(s[0].get(n, 0) for s in summaries) for n in names}
+    batches = sum(s[3] for s in summaries)
+    if raw:
+        parts = world.gather(lambda: result.rows, everywhere=False)
+        rows = {n: torch.cat([p[n] for p in parts if n in p])[:max_rows] for n in names if any(n in p for p in parts)}
+        return Capture({}, rows, seen, (), batches) if world.main else result
+    width = {n: w for _, ws, *_ in summaries for n, w in ws.items()}
+    moments = {}
+    for n in names:
+        own = result.moments.get(n) or Moments.empty(n, width[n])
+        world.reduce([own.xtx, own.total])
+        count = sum(s[4].get(n, (0, 0))[0] for s in summaries)
+        nonfinite = sum(s[4].get(n, (0, 0))[1] for s in summaries)
+        moments[n] = Moments(n, own.xtx, own.total, count, nonfinite)
+
+    def group_on(rank: int, name: str) -> Any:
+        return next((i for i, g in enumerate(summaries[rank][2]) if name in g), name)
+
+    by_key: dict[tuple[Any, ...], list[str]] = {}
+    for n in names:
+        by_key.setdefault(tuple(group_on(r, n) for r in range(world.size)), []).append(n)
+    groups = tuple(sorted(tuple(g) for g in by_key.values() if len(g) > 1))
+    return Capture(moments, {}, seen, groups, batches) if world.main else result
+
+
+__all__ = ["DEFAULT_MAX_ROWS", "Capture", "capture", "capture_to_file", "combine", "select_linear"]

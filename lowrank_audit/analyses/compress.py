@@ -50,6 +50,7 @@ from lowrank_audit.analyses.verification import (
     ticking,
     verify_adapter,
 )
+from lowrank_audit.distributed import World, current
 from lowrank_audit.engine.batches import ProgressCallback
 from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
 from lowrank_audit.engine.decompose import Factors, factors, nonfinite_refusal, spectra
@@ -62,7 +63,7 @@ from lowrank_audit.formats.report import build_frame, schema_of, write_report
 from lowrank_audit.io.adapters import detect
 from lowrank_audit.io.checkpoint import Checkpoint, open_checkpoint, same_bits
 from lowrank_audit.io.outputs import atomic_folder, check_target
-from lowrank_audit.io.provenance import file_digest, hashing_inputs, provenance
+from lowrank_audit.io.provenance import file_digest, hashing_inputs, merge_inputs, provenance
 from lowrank_audit.io.selection import select_matrices
 from lowrank_audit.ranks import LayerSpectrum, RankPolicy, allocate
 
@@ -97,23 +98,30 @@ def _plan_factorized(ckpt: Checkpoint, include: Sequence[str], exclude: Sequence
 
 
 def _need(
-    plan: Plan, source: MatrixSource, policy: RankPolicy, config: EngineConfig, progress: ProgressCallback | None
-) -> Need:
+    plan: Plan, source: MatrixSource, policy: RankPolicy, config: EngineConfig, progress: ProgressCallback | None,
+    world: World,
+) -> Need:  # fmt: skip
     """What the factor pass must find for each matrix.
 
     A per-matrix policy (an energy target, a fixed rank) is its own need: the factor pass
     grows each sketch until the policy's rank is settled, and nothing runs before it. A
     budget spreads ranks across matrices, so it needs their spectra first: one spectrum
-    pass, then the allocated ranks as fixed ones.
+    pass (each process its share, every process gets them all), then the allocated ranks
+    as fixed ones.
     """
     if policy.per_matrix:
         return policy.rank_for
-    layers: dict[str, LayerSpectrum] = {}
-    for result in spectra(source, config, progress=progress):
-        if result.singular_values is None:
-            raise LowrankAuditError(f"{source.path}: {nonfinite_refusal(result.spec.name, result.nonfinite)}")
-        spec = result.spec
-        layers[spec.name] = LayerSpectrum(spec.name, spec.rows, spec.cols, result.singular_values, result.energy)
+
+    def spectra_share() -> list[LayerSpectrum]:
+        found = []
+        for result in spectra(source, config, progress=progress):
+            if result.singular_values is None:
+                raise LowrankAuditError(f"{source.path}: {nonfinite_refusal(result.spec.name, result.nonfinite)}")
+            spec = result.spec
+            found.append(LayerSpectrum(spec.name, spec.rows, spec.cols, result.singular_values, result.energy))
+        return found
+
+    layers = {layer.name: layer for part in world.gather(spectra_share) for layer in part}
     ordered = [layers[s.name] for s in plan.specs]
     return RankNeed({a.name: a.rank for a in (allocate(ordered, policy) if ordered else [])})
 
@@ -206,8 +214,9 @@ def compress(
             raise OptionError(f"{path} is a LoRA adapter, resized as it is: {options} apply to checkpoints")
         from lowrank_audit.analyses.resize import resize
 
-        return resize(path, out, policy, include=include, exclude=exclude, force=force, command=command,
-                      progress=progress)  # fmt: skip
+        # Small (r x r cores): rank 0 resizes while the others wait, under torchrun.
+        return current().on_main(lambda: resize(path, out, policy, include=include, exclude=exclude, force=force,
+                                                command=command, progress=progress))  # fmt: skip
     config = EngineConfig.create(device=device, dtype=dtype, max_batch_mb=max_batch_mb, method=method, seed=seed)
     with ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(path))
@@ -222,49 +231,59 @@ def compress(
                 raise OptionError("--serving-safe, --embeddings, --bias and --task-type apply to adapters: give --base")
             plan = _plan_factorized(ckpt, include, exclude)
         whitened = calibration_plan(calibration, plan.specs, ckpt.path)
-        digests = stack.enter_context(hashing_inputs(ckpt, base_ckpt))  # SHA-256 overlaps the engine
-        source = WhitenedSource(CheckpointSource(ckpt, plan.specs, base_ckpt), whitened)
-        need = _need(plan, source, policy, config, progress)
-        with atomic_folder(out, force=force) as tmp:
-            try:
-                if base_ckpt is not None:
-                    rows = _write_adapter(plan, need, source, whitened, base_ckpt, config, tmp, progress)
-                else:
-                    rows = _write_factorized(plan, need, source, whitened, config, tmp, progress)
-            except VerificationError as err:  # the temporary folder goes with it
-                raise VerificationError(f"{out}: {err}; nothing written") from err
-            total = sum(r["update_share"] for r in rows)
-            for r in rows:
-                r["update_share"] = r["update_share"] / total if total > 0 else 0.0
-            metadata = provenance(
-                command=command or f"lowrank_audit.compress({str(path)!r}, {str(out)!r}, base={base!r})",
-                inputs=digests()
-                | ({"calibration": [file_digest(Path(p)) for p in calibration]} if calibration else {}),
-                device=config.device_name,
-                policy=policy.describe(),
-                options={
-                    "embeddings": embeddings,
-                    "serving_safe": serving_safe,
-                    "bias": bias,
-                    "task_type": task_type,
-                    "calibration": [str(p) for p in calibration],
-                    "method": method,
-                    "seed": seed,
-                },
-            )
-            frame = build_frame(rows, metadata, schema=COMPRESS_SCHEMA)
-            write_report(frame, tmp / REPORT_NAME, schema=COMPRESS_SCHEMA)
+        world = current()  # under torchrun: each process factors its share, rank 0 writes
+        digests = stack.enter_context(hashing_inputs(ckpt, base_ckpt, world=world))  # SHA-256 overlaps the engine
+        source = WhitenedSource(CheckpointSource(ckpt, world.share(plan.specs, config.cost), base_ckpt), whitened)
+        need = _need(plan, source, policy, config, progress, world)
+
+        def factor_share() -> tuple[list[Factors], dict[str, Any]]:
+            return list(unwhitened(factors(source, need, config, progress=progress), whitened)), digests()
+
+        parts = world.gather(factor_share, everywhere=False)  # factors travel to rank 0 only
+
+        def write() -> pd.DataFrame:
+            made = {f.spec.name: f for found, _ in parts for f in found}
+            with atomic_folder(out, force=force) as tmp:
+                try:
+                    if base_ckpt is not None:
+                        rows = _write_adapter(plan, made, whitened, ckpt, base_ckpt, tmp, progress)
+                    else:
+                        rows = _write_factorized(plan, made, whitened, ckpt, tmp, progress)
+                except VerificationError as err:  # the temporary folder goes with it
+                    raise VerificationError(f"{out}: {err}; nothing written") from err
+                total = sum(r["update_share"] for r in rows)
+                for r in rows:
+                    r["update_share"] = r["update_share"] / total if total > 0 else 0.0
+                metadata = provenance(
+                    command=command or f"lowrank_audit.compress({str(path)!r}, {str(out)!r}, base={base!r})",
+                    inputs=merge_inputs([d for _, d in parts])
+                    | ({"calibration": [file_digest(Path(p)) for p in calibration]} if calibration else {}),
+                    device=config.device_name,
+                    policy=policy.describe(),
+                    options={
+                        "embeddings": embeddings,
+                        "serving_safe": serving_safe,
+                        "bias": bias,
+                        "task_type": task_type,
+                        "calibration": [str(p) for p in calibration],
+                        "method": method,
+                        "seed": seed,
+                    },
+                )
+                frame = build_frame(rows, metadata, schema=COMPRESS_SCHEMA)
+                write_report(frame, tmp / REPORT_NAME, schema=COMPRESS_SCHEMA)
+            return frame
+
+        frame = world.on_main(write)
     return frame
 
 
 def _write_adapter(
-    plan: Plan, need: Need, source: WhitenedSource, whitened: dict[str, Whitening], base: Checkpoint,
-    config: EngineConfig, folder: Path, progress: ProgressCallback | None,
+    plan: Plan, made: dict[str, Factors], whitened: dict[str, Whitening], ckpt: Checkpoint, base: Checkpoint,
+    folder: Path, progress: ProgressCallback | None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    ckpt = source.inner.ckpt
     tensors: dict[str, torch.Tensor] = {}
-    made: dict[str, Factors] = {}
-    for f in unwhitened(factors(source, need, config, progress=progress), whitened):
+    for f in made.values():
         name = f.spec.name
         module = module_of(name)[0]
         a, b = _split(f, _torch_dtype(f.spec.dtype))
@@ -275,7 +294,6 @@ def _write_adapter(
         else:
             names = peft.lora_names(module)
             tensors[names[0]], tensors[names[1]] = a, b
-        made[name] = f
     lora_modules = {module_of(n)[0]: n for n, t in plan.treatment.items() if t in ("lora", "lora_embedding")}
     lora_bias = any(t == "lora_bias" for t in plan.treatment.values())
     saved = set()
@@ -306,11 +324,9 @@ def _write_adapter(
 
 
 def _write_factorized(
-    plan: Plan, need: Need, source: WhitenedSource, whitened: dict[str, Whitening], config: EngineConfig,
-    folder: Path, progress: ProgressCallback | None,
+    plan: Plan, made: dict[str, Factors], whitened: dict[str, Whitening], ckpt: Checkpoint, folder: Path,
+    progress: ProgressCallback | None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    ckpt = source.inner.ckpt
-    made = {f.spec.name: f for f in unwhitened(factors(source, need, config, progress=progress), whitened)}
     # A matrix whose factors hold at least as many entries as itself stays dense.
     dense = {s.name for s in plan.specs if made[s.name].s.numel() * (s.rows + s.cols) >= s.rows * s.cols}
     made = {name: f for name, f in made.items() if name not in dense}

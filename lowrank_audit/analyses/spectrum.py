@@ -14,6 +14,7 @@ import torch
 
 from lowrank_audit.analyses.alignment import alignment as alignment_of
 from lowrank_audit.bounds import tail_metrics
+from lowrank_audit.distributed import current
 from lowrank_audit.engine.batches import ProgressCallback
 from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD, EngineConfig
 from lowrank_audit.engine.decompose import MatrixResult, spectra
@@ -22,7 +23,7 @@ from lowrank_audit.engine.sources import AdapterSource, CheckpointSource, Matrix
 from lowrank_audit.errors import OptionError, ShapeMismatchError, UnpairedTensorsWarning
 from lowrank_audit.io.adapters import adapter_specs, base_tensor, detect, open_adapter
 from lowrank_audit.io.checkpoint import Checkpoint, open_checkpoint
-from lowrank_audit.io.provenance import hashing_inputs, provenance
+from lowrank_audit.io.provenance import hashing_inputs, merge_inputs, provenance
 from lowrank_audit.io.selection import Selection, matrix_view, select_matrices
 from lowrank_audit.metrics import matrix_metrics
 
@@ -162,6 +163,7 @@ def spectrum_rows(
     )
     if alignment and base is None:
         raise OptionError("alignment against the base needs --base BASE")
+    world = current()  # under torchrun: this process decomposes its share, rank 0 gets every row
     with ExitStack() as stack:
         source: MatrixSource
         if detect(path) is not None:  # a LoRA adapter: its updates, from their factors
@@ -169,21 +171,27 @@ def spectrum_rows(
             base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
             alignment = alignment or base_ckpt is not None  # a base is given to an adapter for nothing else
             selection = Selection(*adapter_specs(adapter, include, exclude))
-            digests = stack.enter_context(hashing_inputs(adapter, base_ckpt, hashed=hashed))
-            source = AdapterSource(adapter, selection.specs)
+            digests = stack.enter_context(hashing_inputs(adapter, base_ckpt, hashed=hashed, world=world))
+            source = AdapterSource(adapter, world.share(selection.specs, config.cost))
         else:
             ckpt = stack.enter_context(open_checkpoint(path))
             base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
             selection = select_matrices(ckpt, base=base_ckpt, include=include, exclude=exclude)
             warn_unpaired(selection, stacklevel=4)  # at the line that called spectrum()
-            digests = stack.enter_context(hashing_inputs(ckpt, base_ckpt, hashed=hashed))  # overlaps the engine
-            source = CheckpointSource(ckpt, selection.specs, base=base_ckpt)
-        results = spectra(source, config, need=need, progress=progress)
-        rows = [report_row(r, config.eps, source.extras.get(r.spec.name)) for r in results]
-        rows.sort(key=lambda r: (r["name"], r["expert"] or 0))
-        if alignment and base_ckpt is not None:
-            _align(rows, source, base_ckpt)
-        inputs = digests()
+            # SHA-256 overlaps the engine
+            digests = stack.enter_context(hashing_inputs(ckpt, base_ckpt, hashed=hashed, world=world))
+            source = CheckpointSource(ckpt, world.share(selection.specs, config.cost), base=base_ckpt)
+
+        def audit() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            results = spectra(source, config, need=need, progress=progress)
+            rows = [report_row(r, config.eps, source.extras.get(r.spec.name)) for r in results]
+            if alignment and base_ckpt is not None:
+                _align(rows, source, base_ckpt)
+            return rows, digests()
+
+        parts = world.gather(audit)
+        rows = sorted((row for part, _ in parts for row in part), key=lambda r: (r["name"], r["expert"] or 0))
+        inputs = merge_inputs([d for _, d in parts])
     metadata = provenance(
         command=command or f"lowrank_audit.spectrum({str(path)!r}, base={str(base) if base else None!r})",
         inputs=inputs,

@@ -37,10 +37,11 @@ import pyarrow as pa
 import torch
 
 from lowrank_audit.analyses.alignment import largest_principal_angle
+from lowrank_audit.distributed import current
 from lowrank_audit.errors import OptionError, ShapeMismatchError
 from lowrank_audit.formats.report import build_frame, schema_of
 from lowrank_audit.io.checkpoint import open_checkpoint
-from lowrank_audit.io.provenance import hashing_inputs, provenance
+from lowrank_audit.io.provenance import hashing_inputs, merge_inputs, provenance
 from lowrank_audit.io.selection import MatrixSpec, select_matrices
 from lowrank_audit.metrics import energy_rank
 
@@ -167,12 +168,22 @@ def trajectory(
                         f"{ckpt.path}: tensor {spec.name!r} is {where}, {list(spec.shape)} in {files[0]}"
                     )
             inputs.append(_Input(ckpt.path, ckpt.files))
-    with hashing_inputs(inputs[0], inputs[-1] if base is not None else None, hashed=hashed) as digests:
-        rows: list[dict[str, Any]] = []
-        for spec in specs:
-            for j in range(spec.count):
-                rows += _matrix_rows(spec, j, files, order, delta, top_k, subspace_rank, settle_degrees)
-        recorded = digests() | {"checkpoints": [str(p) for p, _ in order]}
+    world = current()  # under torchrun: each process follows its share of the matrices
+    share = world.share(specs, lambda s: s.count * s.rows * s.cols * min(s.rows, s.cols) * len(order))
+    base_input = inputs[-1] if base is not None else None
+    with hashing_inputs(inputs[0], base_input, hashed=hashed, world=world) as digests:
+
+        def follow() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            rows: list[dict[str, Any]] = []
+            for spec in share:
+                for j in range(spec.count):
+                    rows += _matrix_rows(spec, j, files, order, delta, top_k, subspace_rank, settle_degrees)
+            return rows, digests()
+
+        parts = world.gather(follow)
+    position = {spec.name: i for i, spec in enumerate(specs)}
+    rows = sorted((r for part, _ in parts for r in part), key=lambda r: (position[r["name"]], r["expert"] or 0))
+    recorded = merge_inputs([d for _, d in parts]) | {"checkpoints": [str(p) for p, _ in order]}
     meta = provenance(
         command=command or "lowrank_audit.trajectory(...)",
         inputs=recorded,

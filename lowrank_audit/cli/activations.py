@@ -13,6 +13,7 @@ from lowrank_audit.cli.spectrum import report_command
 
 if TYPE_CHECKING:
     from lowrank_audit.analyses.spectrum import ReportRows
+    from lowrank_audit.distributed import World
     from lowrank_audit.engine.batches import ProgressCallback
 
 
@@ -44,6 +45,7 @@ def activations(
     *,
     engine: dict,
     reporting: Reporting,
+    world: World,
 ) -> None:
     """Singular-value spectrum of the inputs each module sees: how low-rank are the activations?
 

@@ -25,7 +25,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from lowrank_audit._version import __version__
 from lowrank_audit.cli.render import err_console, out_console
-from lowrank_audit.errors import LowrankAuditError
+from lowrank_audit.errors import describe
 
 
 class _NoFlagMetavar:
@@ -96,12 +96,6 @@ def _error(text: str) -> None:
     err_console.print(f"[red]Error:[/] {_plain(text)}", highlight=False, soft_wrap=True)
 
 
-def _os_error(err: OSError) -> str:
-    """An OS error outside our readers and writers (a report, a policy file): the path and the cause."""
-    where = f"{err.filename}: " if err.filename else ""
-    return f"{where}{err.strerror or err}"
-
-
 @contextmanager
 def _noting_interrupts() -> Iterator[threading.Event]:
     """Ctrl-C raises KeyboardInterrupt as usual, and is also noted: a library that catches it
@@ -116,11 +110,14 @@ def _noting_interrupts() -> Iterator[threading.Event]:
         noted.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    # SIGTERM too: a launcher (torchrun, Slurm) stops the other processes with it when one
+    # fails, and unfinished outputs must go then as well.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield noted
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager
@@ -131,6 +128,9 @@ def user_errors() -> Iterator[None]:
     closed stdout 141 (silently), anything else is a bug in this tool: its traceback, then
     exit 70. ``--debug`` (or ``LOWRANK_AUDIT_DEBUG=1``) prints the traceback of every error.
     """
+    from lowrank_audit.distributed import leave
+
+    failure: BaseException | None = None
     with _noting_interrupts() as interrupted:
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -139,11 +139,15 @@ def user_errors() -> Iterator[None]:
             for w in caught:
                 err_console.print(f"[yellow]Warning:[/] {_plain(str(w.message))}", highlight=False, soft_wrap=True)
         except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+            leave(None)
             raise
         except BaseException as err:  # noqa: BLE001 - every failure ends here, as one line
             if debug and not isinstance(err, KeyboardInterrupt):
                 traceback.print_exc()
-            raise typer.Exit(_report(err, interrupted.is_set())) from None
+            failure, code = err, _report(err, interrupted.is_set())
+    leave(failure)  # under torchrun: once rank 0 has printed the line, with the signal handlers restored
+    if failure is not None:
+        raise typer.Exit(code) from None
 
 
 def _report(err: BaseException, interrupted: bool) -> int:
@@ -157,15 +161,10 @@ def _report(err: BaseException, interrupted: bool) -> int:
         with suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return CLOSED_PIPE
-    if isinstance(err, LowrankAuditError):
-        _error(str(err))
-        return err.exit_code
-    if isinstance(err, MemoryError):
-        _error(f"out of memory{': ' + str(err) if str(err) else ''}")
-        return 2
-    if isinstance(err, OSError):
-        _error(_os_error(err))
-        return 2
+    known = describe(err)
+    if known is not None:
+        _error(known[0])
+        return known[1]
     if not isinstance(err, Exception):  # SystemExit and the like pass through as they are
         raise err
     if not debug:

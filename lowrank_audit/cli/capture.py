@@ -18,6 +18,7 @@ from lowrank_audit.wording import plural
 
 if TYPE_CHECKING:
     from lowrank_audit.analyses.capture import Capture
+    from lowrank_audit.distributed import World
 
 # Declared here, not in options.py: only this command takes them. Defaults mirror
 # lowrank_audit.analyses.capture (not imported here, so --help needs no torch).
@@ -118,6 +119,7 @@ def capture(
     force: ForceOpt = False,
     *,
     reporting: Reporting,
+    world: World,
 ) -> None:
     """Run a model over batches and record the inputs of its Linear layers: their moments (X^T X, row sum, rows; float64), or with --raw the rows themselves.
 

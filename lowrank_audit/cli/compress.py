@@ -21,6 +21,7 @@ from lowrank_audit.cli.options import (
 from lowrank_audit.cli.render import frame_rows, line, out_console, print_json, progress_bar, table
 
 if TYPE_CHECKING:
+    from lowrank_audit.distributed import World
     from lowrank_audit.ranks import RankPolicy
 
 TABLE = (("name", "layer", "{}"), ("treatment", "treatment", "{}"), ("rank", "rank", "{}"),
@@ -86,6 +87,7 @@ def compress(
     rank_policy: RankPolicy,
     engine: dict,
     reporting: Reporting,
+    world: World,
 ) -> None:
     """Write a PEFT LoRA adapter of a fine-tune (--base), a low-rank factorized checkpoint, or a LoRA adapter resized.
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from lowrank_audit.distributed import DEFAULT_TIMEOUT
 from lowrank_audit.engine.config import DEFAULT_MAX_BATCH_MB, DEFAULT_METHOD
 
 
@@ -236,6 +237,22 @@ def _reporting(top: TopOpt = 20, as_json: JsonOpt = False, quiet: QuietOpt = Fal
     return Reporting(top, as_json, quiet)
 
 
+DistTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--dist-timeout",
+        help="Under torchrun (or another launcher): seconds to wait for the other processes, to join the group "
+        "and at each exchange, before stopping with an error. Rank 0 writing a large output counts as one wait.",
+        rich_help_panel="Distributed",
+        metavar="SECONDS",
+    ),
+]
+
+
+def _world(dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT) -> float:
+    return dist_timeout
+
+
 RevisionOpt = Annotated[
     str | None,
     typer.Option(
@@ -250,7 +267,9 @@ CHECKPOINT_PARAMETERS = ("checkpoint", "source", "base")
 
 # Option groups a command takes whole: the parameter it declares, and the function whose own
 # parameters become the command's options and whose result the command receives.
-GROUPS: dict[str, Callable[..., Any]] = {"engine": _engine, "rank_policy": _ranks, "reporting": _reporting}
+# ``world`` is joined last (lowrank_audit.distributed.join), on the device the command computes on.
+GROUPS: dict[str, Callable[..., Any]] = {"engine": _engine, "rank_policy": _ranks, "reporting": _reporting,
+                                         "world": _world}  # fmt: skip
 
 
 def grouped(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -290,6 +309,7 @@ def grouped(fn: Callable[..., Any]) -> Callable[..., Any]:
         with user_errors():
             for name in groups:
                 kwargs[name] = GROUPS[name](**{p.name: kwargs.pop(p.name) for p in members[name]})
+            _join(fn.__name__, kwargs)
             if hub:  # models named by hub id become their cached snapshot folders, before anything runs
                 from lowrank_audit.errors import OptionError
                 from lowrank_audit.io.hub import local
@@ -308,3 +328,22 @@ def grouped(fn: Callable[..., Any]) -> Callable[..., Any]:
     command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
+
+
+def _join(name: str, kwargs: dict[str, Any]) -> None:
+    """Join the launcher's process group for a command that takes ``world``; refuse a command
+    that does not shard when a launcher started several processes (each would write the
+    same outputs). Off rank 0 nothing is printed: rank 0 reports for every process."""
+    from lowrank_audit import distributed
+    from lowrank_audit.cli.render import err_console, out_console
+    from lowrank_audit.errors import OptionError
+
+    if "world" not in kwargs:
+        if distributed.launched():
+            raise OptionError(f"{name} runs in one process; start it without torchrun or another launcher")
+        return
+    engine = kwargs.get("engine") or {}
+    device = engine.get("device") or kwargs.get("device") or "cpu"
+    kwargs["world"] = world = distributed.join(device, kwargs["world"])
+    if not world.main:
+        out_console.quiet = err_console.quiet = True

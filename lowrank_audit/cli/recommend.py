@@ -14,6 +14,7 @@ from lowrank_audit.cli.options import ForceOpt, Reporting, SourceArg, base_optio
 from lowrank_audit.cli.render import frame_rows, line, out_console, print_json, progress_bar, table
 
 if TYPE_CHECKING:
+    from lowrank_audit.distributed import World
     from lowrank_audit.ranks import RankPolicy
 
 TABLE = (("module", "module", "{}"), ("rows", "rows", "{}"), ("cols", "cols", "{}"), ("rank", "rank", "{}"),
@@ -35,6 +36,7 @@ def recommend(
     rank_policy: RankPolicy,
     engine: dict,
     reporting: Reporting,
+    world: World,
 ) -> None:
     """Per-layer LoRA ranks: by energy, a fixed rank, or a parameter budget spread where it buys most.
 
@@ -54,10 +56,14 @@ def recommend(
     with progress_bar(reporting.progress) as progress:
         ranks = run_recommend(source, rank_policy, base=base, command=command_line(), progress=progress, **engine)
     elapsed = time.perf_counter() - started
-    if out is not None:
-        write_report(ranks, out, schema=RANKS_SCHEMA, force=force)
-    if peft_config is not None:
-        write_text(peft_config, json.dumps(to_peft_config(ranks), indent=2) + "\n", force=force)
+
+    def write() -> None:  # rank 0 alone, under torchrun
+        if out is not None:
+            write_report(ranks, out, schema=RANKS_SCHEMA, force=force)
+        if peft_config is not None:
+            write_text(peft_config, json.dumps(to_peft_config(ranks), indent=2) + "\n", force=force)
+
+    world.on_main(write)
     unchanged = ranks.attrs["lowrank_audit"].get("unchanged", [])
     nonfinite = ranks.attrs["lowrank_audit"].get("nonfinite", {})
     total = int(ranks["params"].sum())

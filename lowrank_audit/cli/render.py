@@ -107,7 +107,8 @@ def frame_rows(frame: pd.DataFrame, columns: Sequence[str]) -> list[dict[str, An
 
 
 def print_json(data: dict[str, Any]) -> None:
-    print(json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False))
+    if not out_console.quiet:  # quiet off rank 0 under torchrun
+        print(json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False))
 
 
 @contextmanager

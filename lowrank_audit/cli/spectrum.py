@@ -26,6 +26,7 @@ from lowrank_audit.wording import plural
 
 if TYPE_CHECKING:
     from lowrank_audit.analyses.spectrum import ReportRows
+    from lowrank_audit.distributed import World
     from lowrank_audit.engine.batches import ProgressCallback
 
 # The summary table after the module name: (report column, heading, format).
@@ -145,6 +146,7 @@ def spectrum(
     *,
     engine: dict,
     reporting: Reporting,
+    world: World,
 ) -> None:
     """Singular-value spectrum of every weight matrix, or of every fine-tuning update with --base.
 
@@ -183,9 +185,10 @@ def report_command(
         rows, meta = audit(progress)
     elapsed = time.perf_counter() - started
     if out is not None:
+        from lowrank_audit.distributed import current
         from lowrank_audit.formats.report import build_frame, write_report
 
-        write_report(build_frame(rows, meta), out, force=force)
+        current().on_main(lambda: write_report(build_frame(rows, meta), out, force=force))
     if reporting.as_json:
         print_json(json_summary(rows, meta, out))
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -12,6 +12,9 @@ from lowrank_audit.cli.app import command, command_line
 from lowrank_audit.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, Reporting, path_option
 from lowrank_audit.cli.render import frame_rows, line, missing, out_console, print_json, table
 from lowrank_audit.wording import plural
+
+if TYPE_CHECKING:
+    from lowrank_audit.distributed import World
 
 TABLE = (("module", "module", "{}"), ("first", "σ₁ first", "{:.3g}"), ("last", "σ₁ last", "{:.3g}"),
          ("growth", "growth", "{:.2f}×"), ("rank", "r", "{}"), ("start_angle", "first angle", "{:.1f}°"),
@@ -60,6 +63,7 @@ def trajectory(
     force: ForceOpt = False,
     *,
     reporting: Reporting,
+    world: World,
 ) -> None:
     """How singular values and singular vectors move across training checkpoints.
 
@@ -77,7 +81,7 @@ def trajectory(
         checkpoints, base=init, delta=delta, top_k=top_k, subspace_rank=subspace_rank, settle_degrees=settle_degrees,
         step_regex=step_regex, include=include or (), exclude=exclude or (), command=command_line(),
     )  # fmt: skip
-    write_report(frame, out, schema=TRAJECTORY_SCHEMA, force=force)
+    world.on_main(lambda: write_report(frame, out, schema=TRAJECTORY_SCHEMA, force=force))
     if reporting.as_json:
         print_json({"trajectory": str(out), "rows": frame_rows(frame, JSON_COLUMNS)})
         return

@@ -16,6 +16,8 @@ from lowrank_audit.errors import OptionError
 if TYPE_CHECKING:
     import torch
 
+    from lowrank_audit.io.selection import MatrixSpec
+
 DTYPES = ("float32", "float64")
 METHODS = ("auto", "exact", "randomized")
 DEFAULT_METHOD = "auto"
@@ -87,6 +89,15 @@ class EngineConfig:
         """Whether matrices whose smaller side is ``side`` are decomposed exactly."""
         return self.method == "exact" or (self.method == "auto" and side <= AUTO_EXACT_SIDE)
 
+    def cost(self, spec: MatrixSpec) -> int:
+        """Relative work of decomposing ``spec``'s matrices, to balance processes: m·n·min(m, n)
+        when exact, m·n·k when truncated (k: the first sketch, or the rank cap)."""
+        from lowrank_audit.engine.randomized import BLOCK
+
+        side = min(spec.rows, spec.cols)
+        k = side if self.exact_for(side) and self.rank_cap is None else min(side, self.rank_cap or BLOCK)
+        return spec.count * spec.rows * spec.cols * k
+
     @property
     def device_name(self) -> str:
         """The device as reports record it: ``cpu``, or ``cuda:0 (NVIDIA H200)``."""
@@ -98,15 +109,20 @@ class EngineConfig:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` is the first CUDA device when present, else the CPU.
+    """``auto`` is the first CUDA device when present, else the CPU. Under a launcher
+    (torchrun), ``auto`` and ``cuda`` are the GPU of this process's local rank.
 
     Raises:
         OptionError: The name is not a device, or names a CUDA device that is absent.
     """
     import torch
 
+    from lowrank_audit.distributed import local_rank
+
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and local_rank() is not None:
+        device = f"cuda:{local_rank()}"
     try:
         dev = torch.device(device)
     except RuntimeError as exc:

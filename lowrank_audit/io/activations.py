@@ -20,7 +20,8 @@ float64 rounding, about 1e-16 · N relative).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,10 +94,12 @@ def is_moments(path: Path) -> bool:
     return bool(meta) and json.loads(meta).get("format") == FORMAT
 
 
-def _read_moments(path: Path) -> dict[str, Moments]:
-    from safetensors.torch import load_file
+def _read_moments(path: Path, wanted: Container[str] | None = None) -> dict[str, Moments]:
+    from safetensors import safe_open
 
-    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        names = [n for n in f.keys() if wanted is None or n.rpartition(".")[0] in wanted]  # noqa: SIM118
+        tensors = {n: f.get_tensor(n) for n in names}
     modules = sorted({name.rpartition(".")[0] for name in tensors})
     out = {}
     for module in modules:
@@ -115,12 +118,14 @@ def _chunk_rows(width: int) -> int:
     return max(1, CHUNK_BYTES // (8 * width))
 
 
-def _read_dump(path: Path, into: dict[str, Moments]) -> None:
+def _read_dump(path: Path, into: dict[str, Moments], wanted: Container[str] | None = None) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         layout = {m: (f.get_slice(m).get_shape(), f.get_slice(m).get_dtype()) for m in f.keys()}  # noqa: SIM118
     for module, (shape, dtype) in layout.items():
+        if wanted is not None and module not in wanted:
+            continue
         if len(shape) not in (2, 3) or dtype not in ("F64", "F32", "F16", "BF16"):
             raise CheckpointError(
                 f"{path}: tensor {module!r} is not activations: need a float [N, d] or [B, T, d], "
@@ -143,11 +148,49 @@ def _read_dump(path: Path, into: dict[str, Moments]) -> None:
             del chunk
 
 
-def read_activations(paths: Sequence[str | Path]) -> dict[str, Moments]:
-    """The moments of every module over all files, dumps streamed in bounded chunks.
+def activation_layout(paths: Sequence[str | Path]) -> dict[str, tuple[int, int]]:
+    """Module -> (rows N, width d) over all files, from their headers (and each moments file's
+    row counts) without reading the rows: what a plan needs to share modules among processes.
+
+    Raises:
+        CheckpointError: A file is missing or its header unreadable.
+    """
+    from safetensors import safe_open
+
+    out: dict[str, tuple[int, int]] = {}
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such activation file")
+        try:
+            moments = is_moments(path)
+            with safe_open(str(path), "pt") as f:
+                names = set(f.keys())
+                for name in sorted(names):
+                    shape = f.get_slice(name).get_shape()
+                    count = f"{name[:-4]}.count"
+                    if moments and name.endswith(".xtx") and shape:
+                        # a count that is missing or not a scalar fails with its own message when read
+                        held = f.get_tensor(count) if count in names else None
+                        rows = int(held) if held is not None and held.numel() == 1 else 0
+                        module = name[:-4]
+                    elif not moments and len(shape) in (2, 3):
+                        module, rows = name, math.prod(shape[:-1])
+                    else:
+                        continue  # the other parts of moments; malformed tensors fail when read
+                    known = out.get(module, (0, shape[-1]))
+                    out[module] = (known[0] + rows, known[1])
+        except Exception as exc:  # safetensors raises its own types for bad headers
+            raise CheckpointError(f"{path}: cannot read activations: {' '.join(str(exc).split())}") from exc
+    return dict(sorted(out.items()))
+
+
+def read_activations(paths: Sequence[str | Path], modules: Container[str] | None = None) -> dict[str, Moments]:
+    """The moments of every module (or of ``modules`` only) over all files, dumps streamed in bounded chunks.
 
     Args:
         paths: Safetensors files: dumps (shards of one run) or moments, in any mix.
+        modules: Read only these modules' rows (a process's share under torchrun); None: all.
 
     Returns:
         Module path -> :class:`Moments`, sorted by module.
@@ -163,13 +206,13 @@ def read_activations(paths: Sequence[str | Path]) -> dict[str, Moments]:
             raise CheckpointError(f"{path}: no such activation file")
         try:
             if is_moments(path):
-                for module, moments in _read_moments(path).items():
+                for module, moments in _read_moments(path, modules).items():
                     if module in out and out[module].width != moments.width:
                         raise CheckpointError(f"{path}: module {module!r} has width {moments.width} "
                                               f"here but {out[module].width} in an earlier file")  # fmt: skip
                     out.setdefault(module, Moments.empty(module, moments.width)).merge(moments)
             else:
-                _read_dump(path, out)
+                _read_dump(path, out, modules)
         except CheckpointError:
             raise
         except Exception as exc:  # safetensors raises its own types for bad headers and data
@@ -206,4 +249,5 @@ def write_dumps(rows: Mapping[str, torch.Tensor], path: str | Path, *, force: bo
     return path
 
 
-__all__ = ["CHUNK_BYTES", "FORMAT", "Moments", "is_moments", "read_activations", "write_dumps", "write_moments"]
+__all__ = ["CHUNK_BYTES", "FORMAT", "Moments", "activation_layout", "is_moments", "read_activations", "write_dumps",
+           "write_moments"]  # fmt: skip

@@ -205,7 +205,7 @@ class _TorchReader(_Reader):
             storage = tensor.untyped_storage()
             whole = storage.nbytes() == self._records.records[record].file_size
             data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy() if whole else None
-            self._records.verify(record, data)
+            self._records.verify(record, data, tensor=name)
         return tensor.detach()  # a saved Parameter keeps requires_grad: nothing here is differentiated
 
     def release(self) -> None:

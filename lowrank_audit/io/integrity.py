@@ -205,9 +205,10 @@ class ZipIntegrity:
                 records[info.filename], starts[info.filename] = info, start
         return cls(path, records, starts)
 
-    def verify(self, name: str, data: Any = None) -> None:
+    def verify(self, name: str, data: Any = None, tensor: str | None = None) -> None:
         """Check a stored record's CRC-32 (once): over ``data``, a buffer holding the record's
-        bytes (a memory-mapped storage: no copy), or else read from the file in 16 MiB chunks."""
+        bytes (a memory-mapped storage: no copy), or else read from the file in 16 MiB chunks.
+        ``tensor``, when known, is named in the error with the record."""
         if name in self.verified:
             return
         info, crc = self.records[name], 0
@@ -220,8 +221,10 @@ class ZipIntegrity:
                 while left and (chunk := f.read(min(left, _CHUNK))):
                     crc, left = zlib.crc32(chunk, crc), left - len(chunk)
         if crc != info.CRC:
+            of = f" (storage of tensor {tensor!r})" if tensor is not None else ""
             raise _fail(
-                self.path, f"zip record {name!r} is corrupt: CRC-32 {crc:08x}, the directory says {info.CRC:08x}"
+                self.path,
+                f"zip record {name!r}{of} is corrupt: CRC-32 {crc:08x}, the directory says {info.CRC:08x}",
             )
         self.verified.add(name)
 

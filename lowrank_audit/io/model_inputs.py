@@ -16,7 +16,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +37,25 @@ class BatchFile:
     names: tuple[str, ...]
     rows: int
     batch_size: int
+    batches: range | None = None  # the batch indices read (a process's block under torchrun); None: all
+
+    def _indices(self) -> range:
+        return self.batches if self.batches is not None else range(math.ceil(self.rows / self.batch_size))
 
     def __len__(self) -> int:
-        return math.ceil(self.rows / self.batch_size)
+        return len(self._indices())
+
+    def part(self, batches: range) -> BatchFile:
+        """The same file read for the batches ``batches`` only."""
+        return replace(self, batches=batches)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         from safetensors import safe_open
 
         with safe_open(str(self.path), "pt") as f:
             sliced = {name: f.get_slice(name) for name in self.names}
-            for start in range(0, self.rows, self.batch_size):
+            for index in self._indices():
+                start = index * self.batch_size
                 yield {name: s[start : start + self.batch_size] for name, s in sliced.items()}
 
 

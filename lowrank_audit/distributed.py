@@ -1,0 +1,298 @@
+"""Many processes, one audit: the commands under ``torchrun`` (or Slurm, or ``accelerate launch``).
+
+A launcher starts the same command in every process and tells each its place through the
+environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
+The CLI joins that process group (:func:`join`); a library caller may instead have called
+``torch.distributed.init_process_group`` itself, and the analyses use it all the same
+(:func:`current`). Without a group nothing here runs and nothing changes.
+
+Every process builds the same plan from the inputs' headers, takes its cost-balanced share
+(:meth:`World.share`), reads and decomposes only that, and the results travel to rank 0
+(:meth:`World.gather`), which alone writes outputs (:meth:`World.on_main`). A failure on
+any process is data in the exchange: every process learns it at the same point, rank 0
+reports it, and every process exits with its code. A peer that dies or hangs is noticed
+when an exchange fails or times out (``--dist-timeout``), never waited on forever.
+
+Objects travel pickled over gloo (CPU); with GPUs the group is ``cpu:gloo,cuda:nccl``, so
+CUDA tensors would use NCCL while results, which are on the CPU, stay on gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import traceback
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from lowrank_audit.errors import LowrankAuditError, OptionError, describe
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+# Long enough for rank 0 to write and verify a large output while the others wait for its
+# verdict; a launcher (torchrun) stops the others at once when a process dies.
+DEFAULT_TIMEOUT = 1800.0
+
+
+class PeerFailure(LowrankAuditError):
+    """Another process failed (or this one, seen through the exchange): its message and exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class GroupError(LowrankAuditError):
+    """The process group cannot be joined, or an exchange with it failed (a peer died or timed out)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of one run: rank ``rank`` of ``size``."""
+
+    rank: int = 0
+    size: int = 1
+    backend: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    def main(self) -> bool:
+        """Whether this process is rank 0, the one that writes outputs and prints."""
+        return self.rank == 0
+
+    def describe(self) -> dict[str, Any]:
+        """What a report's provenance records: ``world_size`` and ``backend``."""
+        return {"world_size": self.size, "backend": self.backend}
+
+    def share(self, items: Sequence[T], cost: Callable[[T], float]) -> list[T]:
+        """This process's items of a cost-balanced split (:func:`split`), in their given order."""
+        return split(items, cost, self.size)[self.rank] if self.size > 1 else list(items)
+
+    def run(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on every process and return this process's result; a failure anywhere
+        is raised on every process (:meth:`_settle`)."""
+        if self.size == 1:
+            return work()
+        value, failed = _attempt(work)
+        self._settle(failed)
+        return value  # type: ignore[return-value]
+
+    def gather(self, work: Callable[[], T], *, everywhere: bool = True) -> list[T]:
+        """Run ``work`` on every process; each process's result, by rank.
+
+        With ``everywhere`` every process gets every result; without, rank 0 does and the
+        others an empty list (factors, which only rank 0 writes). A failure anywhere is
+        raised on every process (:meth:`_settle`).
+        """
+        if self.size == 1:
+            return [work()]
+        value = self.run(work)
+        dist = _dist()
+        try:
+            if everywhere:
+                out: list[Any] = [None] * self.size
+                dist.all_gather_object(out, value)
+                return out
+            got: list[Any] | None = [None] * self.size if self.main else None
+            dist.gather_object(value, got, dst=0)
+            return got or []
+        except RuntimeError as exc:
+            raise self._lost(exc) from None
+
+    def on_main(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on rank 0 only (writing an output); every process gets its result, or
+        raises its failure."""
+        if self.size == 1:
+            return work()
+        value, failed = _attempt(work) if self.main else (None, None)
+        box: list[Any] = [None if failed is None else describe_failure(failed), value if failed is None else None]
+        try:
+            _dist().broadcast_object_list(box, src=0)
+        except RuntimeError as exc:
+            raise self._lost(exc) from None
+        if failed is not None:
+            raise _exchanged(failed)
+        if box[0] is not None:
+            raise PeerFailure(*box[0])
+        return box[1]
+
+    def reduce(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Sum CPU tensors over all processes into rank 0's, in place, in the order given."""
+        if self.size == 1:
+            return
+        dist = _dist()
+        try:
+            for t in tensors:
+                dist.reduce(t, dst=0, op=dist.ReduceOp.SUM)
+        except RuntimeError as exc:
+            raise self._lost(exc) from None
+
+    def _settle(self, failed: BaseException | None) -> None:
+        """Every process says whether its work failed; the first failure (by rank) is raised
+        everywhere: as itself on its own process, as a :class:`PeerFailure` on the others."""
+        said: list[Any] = [None] * self.size
+        try:
+            _dist().all_gather_object(said, None if failed is None else describe_failure(failed))
+        except RuntimeError as exc:
+            raise self._lost(exc) from None
+        first = next((rank for rank, s in enumerate(said) if s is not None), None)
+        if first is None:
+            return
+        if first == self.rank:
+            raise _exchanged(failed)  # type: ignore[arg-type]
+        message, code = said[first]
+        raise PeerFailure(f"{message} (on process {first} of {self.size})", code)
+
+    def _lost(self, exc: RuntimeError) -> GroupError:
+        cause = " ".join(str(exc).split())[:300]
+        return GroupError(
+            f"process {self.rank} of {self.size} lost the other processes (one stopped, or gave no answer within "
+            f"--dist-timeout {self.timeout:g} s): {cause}"
+        )
+
+
+def split(items: Sequence[T], cost: Callable[[T], float], parts: int) -> list[list[T]]:
+    """Deterministic cost-balanced parts: largest first, each to the least-loaded part
+    (ties to the lower part), then each part in the items' own order."""
+    order = sorted(range(len(items)), key=lambda i: (-cost(items[i]), i))
+    loads = [0.0] * parts
+    chosen: list[list[int]] = [[] for _ in range(parts)]
+    for i in order:
+        part = min(range(parts), key=lambda p: (loads[p], p))
+        chosen[part].append(i)
+        loads[part] += cost(items[i])
+    return [[items[i] for i in sorted(c)] for c in chosen]
+
+
+def block(count: int, world: World) -> range:
+    """This process's contiguous block of ``count`` items in order (batches, whose rows must
+    keep their order when gathered): rank r gets ``[r·count/size, (r+1)·count/size)``."""
+    return range(world.rank * count // world.size, (world.rank + 1) * count // world.size)
+
+
+def describe_failure(err: BaseException) -> tuple[str, int]:
+    """A failure as it travels: its one line and exit code (70 and its type for a bug)."""
+    known = describe(err)
+    if known is not None:
+        return known
+    return f"internal error ({type(err).__name__}); this is a bug in lowrank-audit, please report it", 70
+
+
+def _attempt(work: Callable[[], T]) -> tuple[T | None, BaseException | None]:
+    """Run ``work``; a failure is kept to be exchanged (Ctrl-C and exits pass through)."""
+    try:
+        return work(), None
+    except Exception as exc:  # noqa: BLE001 - every failure is sent to the other processes
+        if describe(exc) is None:
+            traceback.print_exc()  # a bug: its traceback where it happened
+        return None, exc
+
+
+def _exchanged(err: BaseException) -> BaseException:
+    err.lowrank_audit_exchanged = True  # type: ignore[attr-defined]
+    return err
+
+
+def launched() -> bool:
+    """Whether a launcher started this process as one of several (``WORLD_SIZE`` above 1)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def local_rank() -> int | None:
+    """This process's index on its machine (``LOCAL_RANK``), when a launcher started it."""
+    value = os.environ.get("LOCAL_RANK")
+    return int(value) if value and value.isdigit() and launched() else None
+
+
+_world: World | None = None  # the group this process joined through join()
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def current() -> World:
+    """The process group the analyses shard over: the one :func:`join` joined, one that a
+    library caller initialized, or this process alone."""
+    if _world is not None:
+        return _world
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return World(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
+    return World()
+
+
+def join(device: str, timeout: float = DEFAULT_TIMEOUT) -> World:
+    """Join the process group a launcher describes in the environment, or stay alone.
+
+    The backend is NCCL (with gloo for CPU objects) when this process's device is a GPU,
+    gloo otherwise; ``--device auto`` or ``cuda`` is then the GPU of the local rank.
+
+    Raises:
+        OptionError: ``timeout`` is not positive.
+        GroupError: The group cannot be joined within ``timeout`` seconds.
+    """
+    global _world
+    if not timeout > 0:
+        raise OptionError(f"dist-timeout must be positive but got {timeout}")
+    if not launched():
+        return World()
+    if _world is not None:
+        return _world
+    import torch.distributed as dist
+
+    from lowrank_audit.engine.config import resolve_device
+
+    rank, size = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    gpu = resolve_device(device).type == "cuda"
+    backend = "nccl" if gpu else "gloo"
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    try:
+        if gpu:
+            import torch
+
+            torch.cuda.set_device(resolve_device(device))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout))
+    except (RuntimeError, ValueError, OSError) as exc:  # torch's store and backend errors
+        cause = " ".join(str(exc).split())[:300]
+        raise GroupError(
+            f"process {rank} of {size} could not join the process group at {where} within --dist-timeout "
+            f"{timeout:g} s: {cause}"
+        ) from None
+    _world = World(rank, size, backend, timeout)
+    return _world
+
+
+def leave(err: BaseException | None) -> None:
+    """End this process's part in the group (the CLI calls it last, after any error line).
+
+    After a failure every process learned through an exchange, each waits for the others
+    here, so that rank 0 has printed the error before a launcher, seeing the first process
+    exit, stops the rest; a stop signal then changes nothing (the exit code stays).
+    """
+    global _world
+    if _world is None:
+        return
+    dist = _dist()
+    if err is not None and (isinstance(err, PeerFailure) or getattr(err, "lowrank_audit_exchanged", False)):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with suppress(RuntimeError):  # a peer that is gone has nothing left to wait for
+            dist.barrier()
+    with suppress(RuntimeError):
+        dist.destroy_process_group()
+    _world = None
+
+
+__all__ = ["DEFAULT_TIMEOUT", "GroupError", "PeerFailure", "World", "block", "current", "describe_failure", "join",
+           "launched", "leave", "local_rank", "split"]  # fmt: skip
