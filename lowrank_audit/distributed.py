@@ -2,16 +2,19 @@
 
 A launcher starts the same command in every process and tells each its place through the
 environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
-The CLI joins that process group (:func:`join`); a library caller may instead have called
-``torch.distributed.init_process_group`` itself, and the analyses use it all the same
-(:func:`current`). Without a group nothing here runs and nothing changes.
+The CLI joins that process group (:func:`join`) before a command that shards; a library
+caller calls :func:`join` itself (it adopts a group the caller initialized). The analyses
+shard over the joined group (:func:`current`); without one nothing here runs and nothing
+changes.
 
 Every process builds the same plan from the inputs' headers, takes its cost-balanced share
 (:meth:`World.share`), reads and decomposes only that, and the results travel to rank 0
 (:meth:`World.gather`), which alone writes outputs (:meth:`World.on_main`). A failure on
 any process is data in the exchange: every process learns it at the same point, rank 0
-reports it, and every process exits with its code. A peer that dies or hangs is noticed
-when an exchange fails or times out (``--dist-timeout``), never waited on forever.
+reports it, and every process exits with its code. A failure met outside any exchange
+(planning, an option, an output that exists) is told to the others at their next one
+(:func:`conclude`). A peer that dies or hangs is noticed when an exchange fails or times
+out (``--dist-timeout``), never waited on forever.
 
 Objects travel pickled over gloo (CPU); with GPUs the group is ``cpu:gloo,cuda:nccl``, so
 CUDA tensors would use NCCL while results, which are on the CPU, stay on gloo.
@@ -19,12 +22,13 @@ CUDA tensors would use NCCL while results, which are on the CPU, stay on gloo.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,6 +63,7 @@ class World:
     size: int = 1
     backend: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    group: Any = field(default=None, compare=False, repr=False)  # the gloo group results travel on (None: default)
 
     @property
     def main(self) -> bool:
@@ -96,30 +101,38 @@ class World:
         try:
             if everywhere:
                 out: list[Any] = [None] * self.size
-                dist.all_gather_object(out, value)
+                dist.all_gather_object(out, value, group=self.group)
                 return out
-            got: list[Any] | None = [None] * self.size if self.main else None
-            dist.gather_object(value, got, dst=0)
-            return got or []
+            if not self.main:
+                dist.send_object_list([value], dst=0, group=self.group)
+                return []
+            # One process's results at a time: rank 0 never holds every process's pickle at once.
+            got = [value]
+            for rank in range(1, self.size):
+                box: list[Any] = [None]
+                dist.recv_object_list(box, src=rank, group=self.group)
+                got.append(box[0])
+            return got
         except RuntimeError as exc:
             raise self._lost(exc) from None
 
-    def on_main(self, work: Callable[[], T]) -> T:
-        """Run ``work`` on rank 0 only (writing an output); every process gets its result, or
-        raises its failure."""
+    def on_main(self, work: Callable[[], T], *, share: bool = True) -> T | None:
+        """Run ``work`` on rank 0 only (writing an output); every process gets its result (only
+        rank 0 without ``share``; the others None), or raises its failure."""
         if self.size == 1:
             return work()
         value, failed = _attempt(work) if self.main else (None, None)
-        box: list[Any] = [None if failed is None else describe_failure(failed), value if failed is None else None]
+        told = value if failed is None and share else None
+        box: list[Any] = [None if failed is None else describe_failure(failed), told]
         try:
-            _dist().broadcast_object_list(box, src=0)
+            _dist().broadcast_object_list(box, src=0, group=self.group)
         except RuntimeError as exc:
             raise self._lost(exc) from None
         if failed is not None:
             raise _exchanged(failed)
         if box[0] is not None:
             raise PeerFailure(*box[0])
-        return box[1]
+        return value if self.main else box[1]
 
     def reduce(self, tensors: Sequence[torch.Tensor]) -> None:
         """Sum CPU tensors over all processes into rank 0's, in place, in the order given."""
@@ -128,7 +141,7 @@ class World:
         dist = _dist()
         try:
             for t in tensors:
-                dist.reduce(t, dst=0, op=dist.ReduceOp.SUM)
+                dist.reduce(t, dst=0, op=dist.ReduceOp.SUM, group=self.group)
         except RuntimeError as exc:
             raise self._lost(exc) from None
 
@@ -137,7 +150,7 @@ class World:
         everywhere: as itself on its own process, as a :class:`PeerFailure` on the others."""
         said: list[Any] = [None] * self.size
         try:
-            _dist().all_gather_object(said, None if failed is None else describe_failure(failed))
+            _dist().all_gather_object(said, None if failed is None else describe_failure(failed), group=self.group)
         except RuntimeError as exc:
             raise self._lost(exc) from None
         first = next((rank for rank, s in enumerate(said) if s is not None), None)
@@ -173,6 +186,11 @@ def block(count: int, world: World) -> range:
     """This process's contiguous block of ``count`` items in order (batches, whose rows must
     keep their order when gathered): rank r gets ``[r·count/size, (r+1)·count/size)``."""
     return range(world.rank * count // world.size, (world.rank + 1) * count // world.size)
+
+
+def told(err: BaseException) -> bool:
+    """Whether every process of the group knows of ``err`` (it came through an exchange)."""
+    return isinstance(err, PeerFailure) or getattr(err, "lowrank_audit_exchanged", False)
 
 
 def describe_failure(err: BaseException) -> tuple[str, int]:
@@ -213,6 +231,7 @@ def local_rank() -> int | None:
 
 
 _world: World | None = None  # the group this process joined through join()
+_owned = False  # whether join() initialized it (and leave() destroys it)
 
 
 def _dist() -> Any:
@@ -222,41 +241,46 @@ def _dist() -> Any:
 
 
 def current() -> World:
-    """The process group the analyses shard over: the one :func:`join` joined, one that a
-    library caller initialized, or this process alone."""
-    if _world is not None:
-        return _world
-    import torch.distributed as dist
+    """The process group the analyses shard over: the one :func:`join` joined, else this process alone.
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return World(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
-    return World()
+    A group is used only once joined: a library call made on some processes of a job (under
+    ``if rank == 0:``) must not wait for the others.
+    """
+    return _world if _world is not None else World()
 
 
-def join(device: str, timeout: float = DEFAULT_TIMEOUT) -> World:
-    """Join the process group a launcher describes in the environment, or stay alone.
+def join(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> World:
+    """Join the process group this process belongs to, or stay alone (no launcher, no group).
 
-    The backend is NCCL (with gloo for CPU objects) when this process's device is a GPU,
-    gloo otherwise; ``--device auto`` or ``cuda`` is then the GPU of the local rank.
+    A group the caller initialized (``torch.distributed.init_process_group``) is adopted, and
+    a gloo group over the same processes carries the results (on the CPU). Otherwise the
+    group a launcher describes in the environment is initialized: NCCL (with gloo for CPU
+    objects) when this process's ``device`` is a GPU, gloo otherwise; ``auto`` or ``cuda`` is
+    the GPU of the local rank. The CLI calls this before each command that shards.
 
     Raises:
-        OptionError: ``timeout`` is not positive.
+        OptionError: ``timeout`` is not a positive number of seconds.
         GroupError: The group cannot be joined within ``timeout`` seconds.
     """
-    global _world
-    if not timeout > 0:
-        raise OptionError(f"dist-timeout must be positive but got {timeout}")
-    if not launched():
-        return World()
+    global _world, _owned
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise OptionError(f"dist-timeout must be a positive number of seconds but got {timeout}")
     if _world is not None:
         return _world
     import torch.distributed as dist
 
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            rank, size = dist.get_rank(), dist.get_world_size()
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+            _world = World(rank, size, str(dist.get_backend()), timeout, group)
+        return current()
+    if not launched():
+        return World()
     from lowrank_audit.engine.config import resolve_device
 
     rank, size = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
     gpu = resolve_device(device).type == "cuda"
-    backend = "nccl" if gpu else "gloo"
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
         if gpu:
@@ -270,8 +294,28 @@ def join(device: str, timeout: float = DEFAULT_TIMEOUT) -> World:
             f"process {rank} of {size} could not join the process group at {where} within --dist-timeout "
             f"{timeout:g} s: {cause}"
         ) from None
-    _world = World(rank, size, backend, timeout)
+    _world, _owned = World(rank, size, "nccl" if gpu else "gloo", timeout), True
     return _world
+
+
+def conclude(err: BaseException) -> BaseException:
+    """A failure this process met outside any exchange (planning, options, an output that
+    exists), told to the others at their next exchange: returns the failure to report, the
+    first by rank among those the processes met (itself, marked exchanged, or a
+    :class:`PeerFailure`). Alone, or for a lost group or an interrupt, ``err`` as it is."""
+    world = current()
+    local = (GroupError, PeerFailure, BrokenPipeError)  # a lost group, a failure already told, rank 0's stdout
+    if world.size == 1 or isinstance(err, local) or not isinstance(err, Exception):
+        return err
+    if told(err):
+        return err
+    try:
+        world._settle(err)
+    except GroupError:
+        return err
+    except BaseException as first:  # noqa: BLE001 - _settle raises the failure to report
+        return first
+    return err  # not reached: _settle raises when a failure is given
 
 
 def leave(err: BaseException | None) -> None:
@@ -281,18 +325,19 @@ def leave(err: BaseException | None) -> None:
     here, so that rank 0 has printed the error before a launcher, seeing the first process
     exit, stops the rest; a stop signal then changes nothing (the exit code stays).
     """
-    global _world
+    global _world, _owned
     if _world is None:
         return
     dist = _dist()
-    if err is not None and (isinstance(err, PeerFailure) or getattr(err, "lowrank_audit_exchanged", False)):
+    if err is not None and told(err):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         with suppress(RuntimeError):  # a peer that is gone has nothing left to wait for
-            dist.barrier()
-    with suppress(RuntimeError):
-        dist.destroy_process_group()
-    _world = None
+            dist.barrier(group=_world.group)
+    if _owned:
+        with suppress(RuntimeError):
+            dist.destroy_process_group()
+    _world, _owned = None, False
 
 
-__all__ = ["DEFAULT_TIMEOUT", "GroupError", "PeerFailure", "World", "block", "current", "describe_failure", "join",
-           "launched", "leave", "local_rank", "split"]  # fmt: skip
+__all__ = ["DEFAULT_TIMEOUT", "GroupError", "PeerFailure", "World", "block", "conclude", "current", "describe_failure",
+           "join", "launched", "leave", "local_rank", "split", "told"]  # fmt: skip

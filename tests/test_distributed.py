@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowrank_audit.analyses.capture import capture
+from lowrank_audit.analyses.spectrum import spectrum
 from lowrank_audit.distributed import World, block, split
 from lowrank_audit.engine.config import EngineConfig
 from lowrank_audit.io.activations import read_activations
@@ -311,3 +312,101 @@ def test_a_corrupt_tensor_on_rank_1_fails_every_process_with_one_line(tmp_path):
     assert sorted(re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", output, re.MULTILINE)) == ["2", "2"], output
     assert not [line for line in output.splitlines() if line.strip().startswith("File") and "lowrank_audit" in line]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flipped.pt"]  # no report, no temporary
+
+
+def test_the_report_comparison_fails_on_a_changed_value_or_order():
+    """Negative control for assert_same_report: a singular value moved by 10x the tolerance, or
+    two rows swapped, fail it."""
+    one = spectrum(FT, base=BASE, device="cpu", hashed=False)
+    assert_same_report(one.copy(), one)
+    moved = one.copy()
+    values = np.array(moved.at[0, "singular_values"])
+    values[1] += 10 * SV_RTOL * values[0]
+    moved.at[0, "singular_values"] = values
+    with pytest.raises(AssertionError):
+        assert_same_report(moved, one)
+    with pytest.raises(AssertionError):
+        assert_same_report(one.iloc[[1, 0, *range(2, len(one))]].reset_index(drop=True), one)
+
+
+# ---------------------------------------------------------------- the exchanges, in one group
+
+
+def _scenarios(rank: int, port: int, folder: str) -> None:
+    """Run in each of two processes of one gloo group (torch.multiprocessing.spawn); each
+    scenario's outcome is written to ``folder/rank-N.json`` for the test to read."""
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}  # fmt: skip
+    from lowrank_audit import distributed
+    from lowrank_audit.analyses.capture import Capture, combine
+    from lowrank_audit.errors import OptionError
+
+    world = distributed.join("cpu", 60)
+    out: dict[str, Any] = {"rank": world.rank, "size": world.size, "backend": world.backend}
+
+    def outcome(fn: Any) -> Any:
+        try:
+            return ["ok", fn()]
+        except Exception as exc:  # noqa: BLE001 - the outcome is what is tested
+            return [type(exc).__name__, str(exc), getattr(exc, "exit_code", None), distributed.told(exc)]
+
+    # Rank 0's own work fails inside on_main: it raises its error, the other a PeerFailure.
+    def write() -> int:
+        raise OptionError("cannot write out.parquet")
+
+    out["on_main"] = outcome(lambda: world.on_main(write))
+    # Results to rank 0 only, one process at a time, in rank order.
+    out["gather_main"] = outcome(lambda: world.gather(lambda: [world.rank] * 3, everywhere=False))
+    # A failure outside any exchange on rank 1 reaches rank 0 at its next exchange.
+    if world.rank == 1:
+        out["conclude"] = outcome(lambda: (_ for _ in ()).throw(distributed.conclude(OptionError("bad share"))))
+    else:
+        out["conclude"] = outcome(lambda: world.run(lambda: 1))
+    # Sums into rank 0's tensors; the others' stay as they were only if they passed copies.
+    t = torch.full((3,), float(world.rank + 1), dtype=torch.float64)
+    world.reduce([t])
+    out["reduce"] = t.tolist()
+    # More processes than matrices: rank 1's share is empty, the report whole on both.
+    rows = spectrum(FT, include=["lm_head.weight"], device="cpu", hashed=False)
+    out["empty_share"] = [rows["name"].tolist(), rows.attrs["lowrank_audit"]["world_size"]]
+    # Raw rows: rank 0 saw 30 rows, rank 1 80 (kept 70): rank 0 gets 30 + the first 40 of rank 1's.
+    seen = 30 if world.rank == 0 else 80
+    mine = torch.arange(min(seen, 70), dtype=torch.float32)[:, None] + 1000 * world.rank
+    whole = combine(Capture({}, {"m": mine}, {"m": seen}, (), 1), world, raw=True, max_rows=70)
+    out["raw"] = [whole.seen, whole.rows["m"][:, 0].tolist()]
+    (Path(folder) / f"rank-{world.rank}.json").write_text(json.dumps(out))
+    distributed.leave(None)
+
+
+def test_exchanges_between_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_scenarios, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2))
+    assert (zero["size"], zero["backend"], one["rank"]) == (2, "gloo", 1)
+    assert zero["on_main"] == ["OptionError", "cannot write out.parquet", 2, True]
+    assert one["on_main"] == ["PeerFailure", "cannot write out.parquet", 2, True]
+    assert zero["gather_main"] == ["ok", [[0, 0, 0], [1, 1, 1]]] and one["gather_main"] == ["ok", []]
+    assert zero["conclude"] == ["PeerFailure", "bad share (on process 1 of 2)", 2, True]
+    assert one["conclude"] == ["OptionError", "bad share", 2, True]
+    assert zero["reduce"] == [3.0, 3.0, 3.0]
+    assert zero["empty_share"] == one["empty_share"] == [["lm_head.weight"], 2]
+    assert zero["raw"] == [{"m": 110}, list(range(30)) + [1000.0 + i for i in range(40)]]
+
+
+def test_an_error_every_process_meets_before_any_exchange_is_printed_once(tmp_path):
+    (tmp_path / "r.parquet").write_bytes(b"kept")
+    result = torchrun("spectrum", FT, "--device", "cpu", "--out", "r.parquet", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert [line for line in output.splitlines() if line.startswith("Error:")] == [
+        "Error: --out r.parquet exists; use --force to replace it"
+    ]
+    assert sorted(re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", output, re.MULTILINE)) == ["2", "2"], output
+    assert (tmp_path / "r.parquet").read_bytes() == b"kept"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_dist_timeout_must_be_a_positive_number_of_seconds(value):
+    result = invoke("spectrum", FT, "--dist-timeout", value, "-q")
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("Error: dist-timeout must be a positive number of seconds but got")

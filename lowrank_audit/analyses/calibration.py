@@ -24,7 +24,7 @@ import torch
 from lowrank_audit.engine.decompose import Factors
 from lowrank_audit.engine.sources import MatrixSource
 from lowrank_audit.errors import CheckpointError, OptionError
-from lowrank_audit.io.activations import Moments, read_activations
+from lowrank_audit.io.activations import Moments, activation_layout, read_activations
 from lowrank_audit.io.selection import MatrixSpec
 
 # Damping λ, as a fraction of mean(diag XᵀX): 1e-6 leaves a well-conditioned Gram's whitened
@@ -71,8 +71,14 @@ def whitening(moments: Moments, where: str) -> Whitening:
     )
 
 
-def calibration_plan(paths: Sequence[str | Path], specs: Sequence[MatrixSpec], target: Path) -> dict[str, Whitening]:
+def calibration_plan(
+    paths: Sequence[str | Path], specs: Sequence[MatrixSpec], target: Path, *,
+    needed: Sequence[MatrixSpec] | None = None,
+) -> dict[str, Whitening]:  # fmt: skip
     """Whitening for every matrix whose module has calibration rows, by tensor name.
+
+    Every matrix is checked against the files' headers; only the ``needed`` ones (a
+    process's share under torchrun; all when None) have their rows read and factored.
 
     Raises:
         CheckpointError: Unreadable or non-finite activations, or a module whose activation
@@ -82,25 +88,25 @@ def calibration_plan(paths: Sequence[str | Path], specs: Sequence[MatrixSpec], t
     if not paths:
         return {}
     where = ", ".join(str(p) for p in paths)
-    moments = read_activations(paths)
-    out = {}
-    for spec in specs:
-        m = moments.get(spec.module)
-        if m is None:
-            continue
-        if m.width != spec.cols:
+    layout = activation_layout(paths)
+    calibrated = [spec for spec in specs if spec.module in layout]
+    for spec in calibrated:
+        width = layout[spec.module][1]
+        if width != spec.cols:
             raise CheckpointError(
-                f"{where}: module {spec.module!r} has activations of width {m.width} but {spec.name!r} "
+                f"{where}: module {spec.module!r} has activations of width {width} but {spec.name!r} "
                 f"takes inputs of width {spec.cols}"
             )
-        out[spec.name] = whitening(m, where)
-    if not out:
-        example = next(iter(moments), "none")
+    if not calibrated:
+        example = next(iter(layout), "none")
         raise OptionError(
             f"--calibration {where}: no module in common with the matrices of {target} "
             f"(calibration has {example!r}, the checkpoint {specs[0].module if specs else 'none'!r})"
         )
-    return out
+    names = {spec.name for spec in (specs if needed is None else needed)}
+    mine = [spec for spec in calibrated if spec.name in names]
+    moments = read_activations(paths, modules={spec.module for spec in mine}) if mine else {}
+    return {spec.name: whitening(moments[spec.module], where) for spec in mine}
 
 
 class WhitenedSource:

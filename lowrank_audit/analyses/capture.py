@@ -419,8 +419,9 @@ def combine(result: Capture, world: World, *, raw: bool = False, max_rows: int =
     Moments are summed in float64 (a reduction over the processes: equal to one process's
     sums within float64 rounding); with ``raw`` the rows are concatenated in rank order and
     cut at ``max_rows`` (the ranks hold consecutive blocks of batches, so this is batch
-    order); modules share an accumulator only where they shared one on every process. The
-    other processes get their own capture back. Alone, ``result`` is returned as it is.
+    order, and each process sends only the rows that fall within it); modules share an
+    accumulator only where they shared one on every process where they ran. The other
+    processes get their own capture back, unchanged. Alone, ``result`` is returned as it is.
     """
     if world.size == 1:
         return result
@@ -432,20 +433,31 @@ def combine(result: Capture, world: World, *, raw: bool = False, max_rows: int =
     seen = {n: sum(s[0].get(n, 0) for s in summaries) for n in names}
     batches = sum(s[3] for s in summaries)
     if raw:
-        parts = world.gather(lambda: result.rows, everywhere=False)
-        rows = {n: torch.cat([p[n] for p in parts if n in p])[:max_rows] for n in names if any(n in p for p in parts)}
+        # Each process sends only the rows still within max_rows after the rows of the processes
+        # before it (their batches come first), so rank 0 receives at most max_rows per module.
+        before = {n: sum(s[0].get(n, 0) for s in summaries[: world.rank]) for n in names}
+        mine = {n: r[: max(0, max_rows - before[n])] for n, r in result.rows.items()}
+        parts = world.gather(lambda: {n: r for n, r in mine.items() if len(r)}, everywhere=False)
+        rows = world.on_main(lambda: {n: torch.cat([p[n] for p in parts if n in p]) for n in names
+                                      if any(n in p for p in parts)}, share=False)  # fmt: skip
         return Capture({}, rows, seen, (), batches) if world.main else result
     width = {n: w for _, ws, *_ in summaries for n, w in ws.items()}
     moments = {}
     for n in names:
         own = result.moments.get(n) or Moments.empty(n, width[n])
-        world.reduce([own.xtx, own.total])
+        # Off rank 0, gloo's reduce may leave partial sums in the buffers: reduce copies there.
+        sums = [own.xtx, own.total] if world.main else [own.xtx.clone(), own.total.clone()]
+        world.reduce(sums)
         count = sum(s[4].get(n, (0, 0))[0] for s in summaries)
         nonfinite = sum(s[4].get(n, (0, 0))[1] for s in summaries)
-        moments[n] = Moments(n, own.xtx, own.total, count, nonfinite)
+        moments[n] = Moments(n, sums[0], sums[1], count, nonfinite)
 
     def group_on(rank: int, name: str) -> Any:
-        return next((i for i, g in enumerate(summaries[rank][2]) if name in g), name)
+        """The module's accumulator on a process: None where it never ran (no say in grouping)."""
+        seen_there, _, groups, *_ = summaries[rank]
+        if name not in seen_there:
+            return None
+        return next((i for i, g in enumerate(groups) if name in g), ("alone", name))
 
     by_key: dict[tuple[Any, ...], list[str]] = {}
     for n in names:

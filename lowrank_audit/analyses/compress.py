@@ -230,10 +230,11 @@ def compress(
             if serving_safe or embeddings != "save" or bias != peft.DEFAULT_BIAS or task_type is not None:
                 raise OptionError("--serving-safe, --embeddings, --bias and --task-type apply to adapters: give --base")
             plan = _plan_factorized(ckpt, include, exclude)
-        whitened = calibration_plan(calibration, plan.specs, ckpt.path)
-        world = current()  # under torchrun: each process factors its share, rank 0 writes
+        world = current()  # under torchrun: each process factors its share, rank 0 writes and verifies all
+        share = world.share(plan.specs, config.cost)
+        whitened = calibration_plan(calibration, plan.specs, ckpt.path, needed=None if world.main else share)
         digests = stack.enter_context(hashing_inputs(ckpt, base_ckpt, world=world))  # SHA-256 overlaps the engine
-        source = WhitenedSource(CheckpointSource(ckpt, world.share(plan.specs, config.cost), base_ckpt), whitened)
+        source = WhitenedSource(CheckpointSource(ckpt, share, base_ckpt), whitened)
         need = _need(plan, source, policy, config, progress, world)
 
         def factor_share() -> tuple[list[Factors], dict[str, Any]]:

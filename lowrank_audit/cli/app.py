@@ -25,6 +25,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from lowrank_audit._version import __version__
 from lowrank_audit.cli.render import err_console, out_console
+from lowrank_audit.distributed import launched
 from lowrank_audit.errors import describe
 
 
@@ -110,9 +111,10 @@ def _noting_interrupts() -> Iterator[threading.Event]:
         noted.set()
         raise KeyboardInterrupt
 
-    # SIGTERM too: a launcher (torchrun, Slurm) stops the other processes with it when one
+    # Under a launcher SIGTERM too: torchrun stops the other processes with it when one
     # fails, and unfinished outputs must go then as well.
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM) if launched() else (signal.SIGINT,)
+    previous = {sig: signal.signal(sig, interrupt) for sig in signals}
     try:
         yield noted
     finally:
@@ -128,7 +130,7 @@ def user_errors() -> Iterator[None]:
     closed stdout 141 (silently), anything else is a bug in this tool: its traceback, then
     exit 70. ``--debug`` (or ``LOWRANK_AUDIT_DEBUG=1``) prints the traceback of every error.
     """
-    from lowrank_audit.distributed import leave
+    from lowrank_audit import distributed
 
     failure: BaseException | None = None
     with _noting_interrupts() as interrupted:
@@ -139,15 +141,33 @@ def user_errors() -> Iterator[None]:
             for w in caught:
                 err_console.print(f"[yellow]Warning:[/] {_plain(str(w.message))}", highlight=False, soft_wrap=True)
         except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
-            leave(None)
+            distributed.leave(None)
             raise
         except BaseException as err:  # noqa: BLE001 - every failure ends here, as one line
             if debug and not isinstance(err, KeyboardInterrupt):
                 traceback.print_exc()
-            failure, code = err, _report(err, interrupted.is_set())
-    leave(failure)  # under torchrun: once rank 0 has printed the line, with the signal handlers restored
+            failure, code = _fail(err, interrupted.is_set())
+    distributed.leave(failure)  # under torchrun: once rank 0 has printed the line, signal handlers restored
     if failure is not None:
         raise typer.Exit(code) from None
+
+
+def _fail(err: BaseException, interrupted: bool) -> tuple[BaseException, int]:
+    """Report a failure and return it with its exit code. Under a launcher the other
+    processes learn of it first (:func:`lowrank_audit.distributed.conclude`), so that rank 0
+    prints the one line for all; a failure they cannot be told of is printed where it happened."""
+    from lowrank_audit import distributed
+
+    if distributed.launched():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting anyway: a stop must not cut the exchange
+    err = distributed.conclude(err)
+    world = distributed.current()
+    if world.size > 1 and not world.main and not distributed.told(err) and not isinstance(err, KeyboardInterrupt):
+        err_console.quiet = False  # rank 0 does not know of it
+        known = describe(err)
+        if known is not None and not isinstance(err, distributed.GroupError):  # which names its process
+            err = distributed.PeerFailure(f"process {world.rank} of {world.size}: {known[0]}", known[1])
+    return err, _report(err, interrupted)
 
 
 def _report(err: BaseException, interrupted: bool) -> int:
@@ -167,7 +187,7 @@ def _report(err: BaseException, interrupted: bool) -> int:
         return known[1]
     if not isinstance(err, Exception):  # SystemExit and the like pass through as they are
         raise err
-    if not debug:
+    if not debug and not getattr(err, "lowrank_audit_exchanged", False):  # an exchanged bug printed it already
         traceback.print_exception(err)
     _error(f"internal error ({type(err).__name__}); this is a bug in lowrank-audit, please report it")
     return INTERNAL

@@ -241,16 +241,19 @@ DistTimeoutOpt = Annotated[
     float,
     typer.Option(
         "--dist-timeout",
-        help="Under torchrun (or another launcher): seconds to wait for the other processes, to join the group "
-        "and at each exchange, before stopping with an error. Rank 0 writing a large output counts as one wait.",
+        help="Under torchrun (or another launcher): seconds to wait for the other processes before stopping with "
+        "an error: to join the group, and at each exchange, where the fastest process waits for the slowest to "
+        "finish its share and the others for rank 0 to write the output.",
         rich_help_panel="Distributed",
         metavar="SECONDS",
     ),
 ]
 
 
-def _world(dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT) -> float:
-    return dist_timeout
+def _world(dist_timeout: DistTimeoutOpt = DEFAULT_TIMEOUT) -> Any:
+    from lowrank_audit.distributed import current
+
+    return current()  # joined by _join before the groups are evaluated
 
 
 RevisionOpt = Annotated[
@@ -307,9 +310,9 @@ def grouped(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def command(**kwargs: Any) -> Any:
         with user_errors():
+            _join(fn.__name__, kwargs, sharded="world" in groups)  # first, so every later failure is exchanged
             for name in groups:
                 kwargs[name] = GROUPS[name](**{p.name: kwargs.pop(p.name) for p in members[name]})
-            _join(fn.__name__, kwargs)
             if hub:  # models named by hub id become their cached snapshot folders, before anything runs
                 from lowrank_audit.errors import OptionError
                 from lowrank_audit.io.hub import local
@@ -330,20 +333,20 @@ def grouped(fn: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _join(name: str, kwargs: dict[str, Any]) -> None:
-    """Join the launcher's process group for a command that takes ``world``; refuse a command
-    that does not shard when a launcher started several processes (each would write the
-    same outputs). Off rank 0 nothing is printed: rank 0 reports for every process."""
+def _join(name: str, kwargs: dict[str, Any], *, sharded: bool) -> None:
+    """Join the launcher's process group for a command that shards; refuse one that does not
+    when a launcher started several processes (each would write the same outputs). Off rank 0
+    nothing is printed, from the start: rank 0 reports for every process."""
+    import os
+
     from lowrank_audit import distributed
     from lowrank_audit.cli.render import err_console, out_console
     from lowrank_audit.errors import OptionError
 
-    if "world" not in kwargs:
+    if distributed.launched() and os.environ.get("RANK", "0") != "0":
+        out_console.quiet = err_console.quiet = True
+    if not sharded:
         if distributed.launched():
             raise OptionError(f"{name} runs in one process; start it without torchrun or another launcher")
         return
-    engine = kwargs.get("engine") or {}
-    device = engine.get("device") or kwargs.get("device") or "cpu"
-    kwargs["world"] = world = distributed.join(device, kwargs["world"])
-    if not world.main:
-        out_console.quiet = err_console.quiet = True
+    distributed.join(str(kwargs.get("device") or "cpu"), kwargs["dist_timeout"])

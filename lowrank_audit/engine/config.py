@@ -121,8 +121,8 @@ def resolve_device(device: str) -> torch.device:
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and local_rank() is not None:
-        device = f"cuda:{local_rank()}"
+    if device == "cuda" and local_rank() is not None and torch.cuda.device_count() > 1:
+        device = f"cuda:{local_rank()}"  # one GPU visible (CUDA_VISIBLE_DEVICES per process): it is the one
     try:
         dev = torch.device(device)
     except RuntimeError as exc:

@@ -279,7 +279,8 @@ def lora_config(
     ``rank_pattern`` and ``alpha_pattern``, keyed by its escaped full path. ``bias`` is PEFT's
     (``none`` or ``lora_only``: the adapter holds its LoRA layers' base biases).
     """
-    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    # Ties go to the first module by name, whatever order the ranks were found in.
+    common = Counter(r for _, r in sorted(ranks.items())).most_common(1)[0][0] if ranks else 8
     patterns = {module_pattern(m): r for m, r in sorted(ranks.items())}
     return {
         "peft_type": "LORA",

@@ -103,15 +103,26 @@ def _read_moments(path: Path, wanted: Container[str] | None = None) -> dict[str,
     modules = sorted({name.rpartition(".")[0] for name in tensors})
     out = {}
     for module in modules:
+        _missing_part(path, module, tensors)
         parts = {p: tensors.get(f"{module}.{p}") for p in _PARTS}
-        if any(parts[p] is None for p in ("xtx", "sum", "count")):
-            raise CheckpointError(f"{path}: module {module!r} lacks one of .xtx, .sum, .count")
         xtx, total = parts["xtx"].to(torch.float64), parts["sum"].to(torch.float64)
         if xtx.ndim != 2 or xtx.shape[0] != xtx.shape[1] or total.shape != (xtx.shape[0],):
             raise CheckpointError(f"{path}: module {module!r}: .xtx must be [d, d] and .sum [d]")
         nonfinite = int(parts["nonfinite"]) if parts["nonfinite"] is not None else 0
         out[module] = Moments(module, xtx, total, int(parts["count"]), nonfinite)
     return out
+
+
+def _check_dump(path: Path, module: str, shape: Sequence[int], dtype: str) -> None:
+    if len(shape) not in (2, 3) or dtype not in ("F64", "F32", "F16", "BF16"):
+        raise CheckpointError(
+            f"{path}: tensor {module!r} is not activations: need a float [N, d] or [B, T, d], got {dtype} {list(shape)}"
+        )
+
+
+def _missing_part(path: Path, module: str, names: Container[str]) -> None:
+    if any(f"{module}.{p}" not in names for p in ("xtx", "sum", "count")):
+        raise CheckpointError(f"{path}: module {module!r} lacks one of .xtx, .sum, .count")
 
 
 def _chunk_rows(width: int) -> int:
@@ -126,11 +137,7 @@ def _read_dump(path: Path, into: dict[str, Moments], wanted: Container[str] | No
     for module, (shape, dtype) in layout.items():
         if wanted is not None and module not in wanted:
             continue
-        if len(shape) not in (2, 3) or dtype not in ("F64", "F32", "F16", "BF16"):
-            raise CheckpointError(
-                f"{path}: tensor {module!r} is not activations: need a float [N, d] or [B, T, d], "
-                f"got {dtype} {list(shape)}"
-            )
+        _check_dump(path, module, shape, dtype)
         width = shape[-1]
         moments = into.setdefault(module, Moments.empty(module, width))
         if moments.width != width:
@@ -153,7 +160,8 @@ def activation_layout(paths: Sequence[str | Path]) -> dict[str, tuple[int, int]]
     row counts) without reading the rows: what a plan needs to share modules among processes.
 
     Raises:
-        CheckpointError: A file is missing or its header unreadable.
+        CheckpointError: A file is missing or its header unreadable, a dump's tensor is not
+            ``[N, d]``/``[B, T, d]`` floats, or a moments module lacks a part.
     """
     from safetensors import safe_open
 
@@ -168,18 +176,21 @@ def activation_layout(paths: Sequence[str | Path]) -> dict[str, tuple[int, int]]
                 names = set(f.keys())
                 for name in sorted(names):
                     shape = f.get_slice(name).get_shape()
-                    count = f"{name[:-4]}.count"
-                    if moments and name.endswith(".xtx") and shape:
-                        # a count that is missing or not a scalar fails with its own message when read
-                        held = f.get_tensor(count) if count in names else None
-                        rows = int(held) if held is not None and held.numel() == 1 else 0
-                        module = name[:-4]
-                    elif not moments and len(shape) in (2, 3):
-                        module, rows = name, math.prod(shape[:-1])
+                    if moments:
+                        module = name.rpartition(".")[0]
+                        _missing_part(path, module, names)
+                        if not name.endswith(".xtx"):
+                            continue  # the module's other parts; their shapes are checked when read
+                        held = f.get_tensor(f"{module}.count")
+                        rows = int(held) if held.numel() == 1 else 0  # a bad count fails when read
                     else:
-                        continue  # the other parts of moments; malformed tensors fail when read
-                    known = out.get(module, (0, shape[-1]))
+                        _check_dump(path, name, shape, f.get_slice(name).get_dtype())
+                        module, rows = name, math.prod(shape[:-1])
+                    width = shape[-1] if shape else 0
+                    known = out.get(module, (0, width))
                     out[module] = (known[0] + rows, known[1])
+        except CheckpointError:
+            raise
         except Exception as exc:  # safetensors raises its own types for bad headers
             raise CheckpointError(f"{path}: cannot read activations: {' '.join(str(exc).split())}") from exc
     return dict(sorted(out.items()))
