@@ -10,14 +10,14 @@ energy), then times, as whole processes and alternating which goes first:
 - the single process again with cores / N threads: what each of the N processes has, so the
   ratio to the sharded run is the scaling when every process brings its own cores or GPU;
 
-and checks that the reports hold the same rows with singular values within 5e-6 of σ₁. The
+and prints the largest |Δσ|/σ₁ between the two reports (it exits if their rows differ). The
 same three runs on the 0.4 MiB sample pair measure start-up alone (imports, torchrun,
 joining the group), which the ratios are also given net of.
 It also times each matrix shape alone in this process (``--include``), the per-matrix
 figure a projection to larger models starts from, and prints the projection for a
 LLaMA-2-70B pair on ``--project-gpus`` processes under the assumptions it states.
 
-Run by hand (about 15 minutes with the defaults on 2 CPU cores)::
+Run by hand (about 5 minutes with ``--repeats 3`` on 2 CPU cores)::
 
     python benchmarks/distributed.py                 # 3 layers: 1.2 GiB per checkpoint
     python benchmarks/distributed.py --layers 1 --repeats 1 --keep /tmp/pair

@@ -22,12 +22,12 @@ CUDA tensors would use NCCL while results, which are on the CPU, stay on gloo.
 
 from __future__ import annotations
 
-import math
 import os
+import pickle
 import signal
 import traceback
-from collections.abc import Callable, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -41,6 +41,7 @@ T = TypeVar("T")
 # Long enough for rank 0 to write and verify a large output while the others wait for its
 # verdict; a launcher (torchrun) stops the others at once when a process dies.
 DEFAULT_TIMEOUT = 1800.0
+MAX_TIMEOUT = 1e7  # about 116 days; torch's timers overflow far above it
 
 
 class PeerFailure(LowrankAuditError):
@@ -96,22 +97,25 @@ class World:
         """
         if self.size == 1:
             return [work()]
-        value = self.run(work)
+        # Pickled inside the attempt, so that nothing but the transport can fail between the
+        # status exchange and the data's (a failure there would meet the wrong collective).
+        payload = self.run(lambda: pickle.dumps(work(), protocol=pickle.HIGHEST_PROTOCOL))
         dist = _dist()
         try:
             if everywhere:
                 out: list[Any] = [None] * self.size
-                dist.all_gather_object(out, value, group=self.group)
-                return out
+                dist.all_gather_object(out, payload, group=self.group)
+                return [pickle.loads(p) for p in out]
             if not self.main:
-                dist.send_object_list([value], dst=0, group=self.group)
+                dist.send_object_list([payload], dst=0, group=self.group)
                 return []
             # One process's results at a time: rank 0 never holds every process's pickle at once.
-            got = [value]
+            got = [pickle.loads(payload)]
+            del payload
             for rank in range(1, self.size):
                 box: list[Any] = [None]
                 dist.recv_object_list(box, src=rank, group=self.group)
-                got.append(box[0])
+                got.append(pickle.loads(box[0]))
             return got
         except RuntimeError as exc:
             raise self._lost(exc) from None
@@ -121,6 +125,7 @@ class World:
         rank 0 without ``share``; the others None), or raises its failure."""
         if self.size == 1:
             return work()
+        self._settle(None)  # first: a process that failed on its own is heard before rank 0 writes
         value, failed = _attempt(work) if self.main else (None, None)
         told = value if failed is None and share else None
         box: list[Any] = [None if failed is None else describe_failure(failed), told]
@@ -138,6 +143,7 @@ class World:
         """Sum CPU tensors over all processes into rank 0's, in place, in the order given."""
         if self.size == 1:
             return
+        self._settle(None)  # a process that failed on its own is heard here, not in a reduce
         dist = _dist()
         try:
             for t in tensors:
@@ -191,6 +197,13 @@ def block(count: int, world: World) -> range:
 def told(err: BaseException) -> bool:
     """Whether every process of the group knows of ``err`` (it came through an exchange)."""
     return isinstance(err, PeerFailure) or getattr(err, "lowrank_audit_exchanged", False)
+
+
+def everywhere(err: BaseException) -> BaseException:
+    """Mark an error that every process meets alike before joining (a bad ``--dist-timeout``,
+    a command that refuses a launcher): rank 0's line says it for all."""
+    err.lowrank_audit_everywhere = True  # type: ignore[attr-defined]
+    return err
 
 
 def describe_failure(err: BaseException) -> tuple[str, int]:
@@ -263,8 +276,10 @@ def join(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> World:
         GroupError: The group cannot be joined within ``timeout`` seconds.
     """
     global _world, _owned
-    if not (timeout > 0 and math.isfinite(timeout)):
-        raise OptionError(f"dist-timeout must be a positive number of seconds but got {timeout}")
+    if not 0 < timeout <= MAX_TIMEOUT:  # NaN fails too
+        raise everywhere(
+            OptionError(f"dist-timeout must be a positive number of seconds up to {MAX_TIMEOUT:g} but got {timeout}")
+        )
     if _world is not None:
         return _world
     import torch.distributed as dist
@@ -287,7 +302,8 @@ def join(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> World:
             import torch
 
             torch.cuda.set_device(resolve_device(device))
-        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout))
+        with _held_stderr():  # torch's C++ log of a failed connection: a stack trace per retry
+            dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout))
     except (RuntimeError, ValueError, OSError) as exc:  # torch's store and backend errors
         cause = " ".join(str(exc).split())[:300]
         raise GroupError(
@@ -296,6 +312,26 @@ def join(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> World:
         ) from None
     _world, _owned = World(rank, size, "nccl" if gpu else "gloo", timeout), True
     return _world
+
+
+@contextmanager
+def _held_stderr() -> Iterator[None]:
+    """Hold what C++ code writes to file descriptor 2 meanwhile: replayed if the block
+    succeeds, dropped if it raises (the error's one line says why)."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        os.write(2, held.read())
 
 
 def conclude(err: BaseException) -> BaseException:
@@ -309,6 +345,8 @@ def conclude(err: BaseException) -> BaseException:
         return err
     if told(err):
         return err
+    if describe(err) is None:
+        traceback.print_exception(err)  # a bug: its traceback where it happened (as _attempt does)
     try:
         world._settle(err)
     except GroupError:
@@ -326,11 +364,12 @@ def leave(err: BaseException | None) -> None:
     exit, stops the rest; a stop signal then changes nothing (the exit code stays).
     """
     global _world, _owned
+    if err is not None and launched():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting with its code: a launcher's stop changes nothing
     if _world is None:
         return
     dist = _dist()
     if err is not None and told(err):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         with suppress(RuntimeError):  # a peer that is gone has nothing left to wait for
             dist.barrier(group=_world.group)
     if _owned:
@@ -340,4 +379,4 @@ def leave(err: BaseException | None) -> None:
 
 
 __all__ = ["DEFAULT_TIMEOUT", "GroupError", "PeerFailure", "World", "block", "conclude", "current", "describe_failure",
-           "join", "launched", "leave", "local_rank", "split", "told"]  # fmt: skip
+           "everywhere", "join", "launched", "leave", "local_rank", "split", "told"]  # fmt: skip

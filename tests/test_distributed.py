@@ -9,6 +9,7 @@ does); moments within float64 rounding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,18 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple, np.ndarray)):
         return [_plain(v) for v in value]
     return None if pd.isna(value) else value
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """The in-process reference with one thread, as each torchrun process has: float32 products
+    then round alike (GEMM blocking depends on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def metadata(path: Path) -> dict:
@@ -165,6 +179,20 @@ def test_a_group_that_never_forms_times_out_with_one_line(tmp_path):
     assert not (tmp_path / "r.parquet").exists()
 
 
+def test_a_process_other_than_rank_0_says_what_rank_0_cannot_know(tmp_path):
+    """Rank 1 failing to join: rank 0 never hears of it, so rank 1 prints its own line."""
+    env = os.environ | {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port())}  # fmt: skip
+    command = [sys.executable, "-m", "lowrank_audit", "spectrum", str(FT), "--dist-timeout", "2", "--device", "cpu"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: process 1 of 2 could not join the process group")
+    # Negative control: an error every process meets alike is left to rank 0.
+    bad = subprocess.run([*command[:-4], "--dist-timeout", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr == ""
+
+
 def test_commands_that_do_not_shard_refuse_a_launcher(tmp_path):
     env = os.environ | {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     command = [sys.executable, "-m", "lowrank_audit", "expand", str(FT), "--out", str(tmp_path / "x.safetensors")]
@@ -192,7 +220,8 @@ def test_spectrum_with_alignment_under_two_processes_equals_one(tmp_path):
 def test_recommend_randomized_under_two_processes_equals_one(tmp_path):
     args = (FT, "--base", BASE, "--method", "randomized", "--energy", "0.9", "--device", "cpu", "--json")
     two = ok(torchrun("recommend", *args, "--out", "two.parquet", "--peft-config", "two.json", cwd=tmp_path))
-    one = ok(invoke("recommend", *args, "--out", tmp_path / "one.parquet", "--peft-config", tmp_path / "one.json"))
+    with one_thread():
+        one = ok(invoke("recommend", *args, "--out", tmp_path / "one.parquet", "--peft-config", tmp_path / "one.json"))
     assert json.loads(two.stdout)["rows"] == json.loads(one.stdout)["rows"]  # rank 0 alone prints
     assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
     a, b = pd.read_parquet(tmp_path / "two.parquet"), pd.read_parquet(tmp_path / "one.parquet")
@@ -252,12 +281,8 @@ def test_capture_moments_under_two_processes_equal_one(tmp_path, capture_helper,
     args = ("--model", f"{HELPER}:build", "--inputs", capture_helper, "--batch-size", "4", "--device", "cpu")
     two = ok(torchrun("capture", *args, "--out", "two.safetensors", "--json", cwd=tmp_path))
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun process: float32 forward passes round alike then
-    try:
+    with one_thread():
         one = ok(invoke("capture", *args, "--out", tmp_path / "one.safetensors", "--json"))
-    finally:
-        torch.set_num_threads(threads)
     a, b = json.loads(two.stdout), json.loads(one.stdout)
     assert (a["batches"], a["groups"], a["modules"]) == (b["batches"], b["groups"], b["modules"])
     assert a["groups"] and not any("k" in g for g in a["groups"])  # k split off its group on odd batches
@@ -362,6 +387,13 @@ def _scenarios(rank: int, port: int, folder: str) -> None:
         out["conclude"] = outcome(lambda: (_ for _ in ()).throw(distributed.conclude(OptionError("bad share"))))
     else:
         out["conclude"] = outcome(lambda: world.run(lambda: 1))
+    # A failure on rank 1 alone before rank 0's on_main: heard first, and rank 0 writes nothing.
+    written: list[int] = []
+    if world.rank == 1:
+        out["before_on_main"] = outcome(lambda: (_ for _ in ()).throw(distributed.conclude(OptionError("no input"))))
+    else:
+        out["before_on_main"] = outcome(lambda: world.on_main(lambda: written.append(1)))
+    out["written"] = written
     # Sums into rank 0's tensors; the others' stay as they were only if they passed copies.
     t = torch.full((3,), float(world.rank + 1), dtype=torch.float64)
     world.reduce([t])
@@ -389,6 +421,8 @@ def test_exchanges_between_two_processes(tmp_path):
     assert zero["gather_main"] == ["ok", [[0, 0, 0], [1, 1, 1]]] and one["gather_main"] == ["ok", []]
     assert zero["conclude"] == ["PeerFailure", "bad share (on process 1 of 2)", 2, True]
     assert one["conclude"] == ["OptionError", "bad share", 2, True]
+    assert zero["before_on_main"] == ["PeerFailure", "no input (on process 1 of 2)", 2, True]
+    assert one["before_on_main"] == ["OptionError", "no input", 2, True] and zero["written"] == []
     assert zero["reduce"] == [3.0, 3.0, 3.0]
     assert zero["empty_share"] == one["empty_share"] == [["lm_head.weight"], 2]
     assert zero["raw"] == [{"m": 110}, list(range(30)) + [1000.0 + i for i in range(40)]]
@@ -405,8 +439,8 @@ def test_an_error_every_process_meets_before_any_exchange_is_printed_once(tmp_pa
     assert (tmp_path / "r.parquet").read_bytes() == b"kept"
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan", "1e15"])
 def test_dist_timeout_must_be_a_positive_number_of_seconds(value):
     result = invoke("spectrum", FT, "--dist-timeout", value, "-q")
     assert result.exit_code == 2
-    assert result.stderr.strip().startswith("Error: dist-timeout must be a positive number of seconds but got")
+    assert result.stderr.strip().startswith("Error: dist-timeout must be a positive number of seconds up to 1e+07")

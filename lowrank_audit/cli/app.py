@@ -26,7 +26,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from lowrank_audit._version import __version__
 from lowrank_audit.cli.render import err_console, out_console
 from lowrank_audit.distributed import launched
-from lowrank_audit.errors import describe
+from lowrank_audit.errors import LowrankAuditError, describe
 
 
 class _NoFlagMetavar:
@@ -161,12 +161,14 @@ def _fail(err: BaseException, interrupted: bool) -> tuple[BaseException, int]:
     if distributed.launched():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting anyway: a stop must not cut the exchange
     err = distributed.conclude(err)
-    world = distributed.current()
-    if world.size > 1 and not world.main and not distributed.told(err) and not isinstance(err, KeyboardInterrupt):
-        err_console.quiet = False  # rank 0 does not know of it
+    rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    untold = not distributed.told(err) and not getattr(err, "lowrank_audit_everywhere", False)
+    if distributed.launched() and rank != "0" and untold and not isinstance(err, KeyboardInterrupt):
+        err_console.quiet = False  # rank 0 does not know of it: say it here
         known = describe(err)
         if known is not None and not isinstance(err, distributed.GroupError):  # which names its process
-            err = distributed.PeerFailure(f"process {world.rank} of {world.size}: {known[0]}", known[1])
+            err = LowrankAuditError(f"process {rank} of {size}: {known[0]}")
+            err.exit_code = known[1]
     return err, _report(err, interrupted)
 
 

@@ -270,7 +270,7 @@ CHECKPOINT_PARAMETERS = ("checkpoint", "source", "base")
 
 # Option groups a command takes whole: the parameter it declares, and the function whose own
 # parameters become the command's options and whose result the command receives.
-# ``world`` is joined last (lowrank_audit.distributed.join), on the device the command computes on.
+# ``world`` is joined before the others are evaluated (_join), on the device the command computes on.
 GROUPS: dict[str, Callable[..., Any]] = {"engine": _engine, "rank_policy": _ranks, "reporting": _reporting,
                                          "world": _world}  # fmt: skip
 
@@ -347,6 +347,7 @@ def _join(name: str, kwargs: dict[str, Any], *, sharded: bool) -> None:
         out_console.quiet = err_console.quiet = True
     if not sharded:
         if distributed.launched():
-            raise OptionError(f"{name} runs in one process; start it without torchrun or another launcher")
+            refused = OptionError(f"{name} runs in one process; start it without torchrun or another launcher")
+            raise distributed.everywhere(refused)
         return
     distributed.join(str(kwargs.get("device") or "cpu"), kwargs["dist_timeout"])

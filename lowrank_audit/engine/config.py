@@ -121,8 +121,9 @@ def resolve_device(device: str) -> torch.device:
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and local_rank() is not None and torch.cuda.device_count() > 1:
-        device = f"cuda:{local_rank()}"  # one GPU visible (CUDA_VISIBLE_DEVICES per process): it is the one
+    if device == "cuda" and local_rank() is not None:
+        # One GPU visible (CUDA_VISIBLE_DEVICES per process, Slurm --gpus-per-task=1): it is this process's.
+        device = f"cuda:{local_rank() if torch.cuda.device_count() > 1 else 0}"
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
