@@ -176,3 +176,22 @@ def test_same_input_and_seed_give_byte_identical_adapters(pair, tmp_path):
         files.append((tmp_path / run / "adapter_model.safetensors").read_bytes())
     assert files[0] == files[1]
     assert files[0] != files[2]  # the seed reaches the sketch: another seed, other rounding
+
+
+def test_randomized_factors_do_not_depend_on_batch_mates(tmp_path):
+    """Two same-shape matrices asking ranks 5 and 40 (a budget's): each one's factors are the
+    same batched together as alone, so the batch plan and torchrun's shares change nothing."""
+    tensors = {f"layers.{i}.proj.weight": power_law(400, 300, seed=i) for i in range(2)}
+    path = _write(tmp_path, tensors)
+    need = RankNeed({"layers.0.proj.weight": 5, "layers.1.proj.weight": 40})
+    together = _factors(path, need, "randomized")
+    alone = _factors(path, need, "randomized", max_batch_mb=0.5)  # 0.46 MiB a matrix: one per batch
+    for name, f in together.items():
+        g = alone[name]
+        assert len(f.s) == need.rank[name] and torch.equal(f.s, g.s) and torch.equal(f.u, g.u), name
+    # Negative control: a sketch as wide as the mate's rank gives other values (in float32's last
+    # digits), so the equalities above would fail if a batch-mate set the width.
+    w = tensors["layers.0.proj.weight"].float()[None]
+    wide = adaptive_svd(w, [lambda s: 5], seeds=[0], vectors=True, oversample=10, min_width=50)[0]
+    narrow = adaptive_svd(w, [lambda s: 5], seeds=[0], vectors=True, oversample=10)[0]
+    assert not torch.equal(wide.s[:5], narrow.s[:5])

@@ -71,7 +71,19 @@ def _decompose(
         return exact_triplets(stack, rank_of, vectors=vectors)
     seeds = [_seed(config.seed, *batch.identities[i]) for i in rows]
     if vectors:
-        return adaptive_svd(stack, rank_of, seeds=seeds, vectors=True, oversample=FACTOR_OVERSAMPLE)
+        # A sketch starts as wide as the largest rank asked in its call: matrices asking
+        # different ranks (a budget's) go in separate calls, so that each matrix's factors
+        # do not depend on its batch-mates (the batch plan, --max-batch-mb, torchrun's shares).
+        by_rank: dict[int | None, list[int]] = {}
+        for j, rank in enumerate(rank_of):
+            by_rank.setdefault(rank(np.empty(0)), []).append(j)
+        found: list[Triplets | None] = [None] * len(rows)
+        for js in by_rank.values():
+            part = adaptive_svd(select_rows(stack, js), [rank_of[j] for j in js], seeds=[seeds[j] for j in js],
+                                vectors=True, oversample=FACTOR_OVERSAMPLE)  # fmt: skip
+            for j, t in zip(js, part, strict=True):
+                found[j] = t
+        return found  # type: ignore[return-value]
     # A report's sketch grows until its energy ranks are certified or lie in the noise
     # (lowrank_audit.bounds), and keeps the top BLOCK - p values at least.
     energies = [batch.energies[i] for i in rows]
