@@ -16,8 +16,8 @@ reports it, and every process exits with its code. A failure met outside any exc
 (:func:`conclude`). A peer that dies or hangs is noticed when an exchange fails or times
 out (``--dist-timeout``), never waited on forever.
 
-Objects travel pickled over gloo (CPU); with GPUs the group is ``cpu:gloo,cuda:nccl``, so
-CUDA tensors would use NCCL while results, which are on the CPU, stay on gloo.
+Results travel pickled over gloo (they are on the CPU): the group itself on CPUs; with GPUs
+the group is NCCL and a gloo group over the same processes carries them.
 """
 
 from __future__ import annotations
@@ -267,8 +267,8 @@ def join(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> World:
 
     A group the caller initialized (``torch.distributed.init_process_group``) is adopted, and
     a gloo group over the same processes carries the results (on the CPU). Otherwise the
-    group a launcher describes in the environment is initialized: NCCL (with gloo for CPU
-    objects) when this process's ``device`` is a GPU, gloo otherwise; ``auto`` or ``cuda`` is
+    group a launcher describes in the environment is initialized: NCCL (and a gloo group for
+    the results) when this process's ``device`` is a GPU, gloo otherwise; ``auto`` or ``cuda`` is
     the GPU of the local rank. The CLI calls this before each command that shards.
 
     Raises:
@@ -303,14 +303,16 @@ def join(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> World:
 
             torch.cuda.set_device(resolve_device(device))
         with _held_stderr():  # torch's C++ log of a failed connection: a stack trace per retry
-            dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout))
+            dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout))
+            # Results are CPU objects: on GPUs they travel on a gloo group over the same processes.
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)) if gpu else None
     except (RuntimeError, ValueError, OSError) as exc:  # torch's store and backend errors
         cause = " ".join(str(exc).split())[:300]
         raise GroupError(
             f"process {rank} of {size} could not join the process group at {where} within --dist-timeout "
             f"{timeout:g} s: {cause}"
         ) from None
-    _world, _owned = World(rank, size, "nccl" if gpu else "gloo", timeout), True
+    _world, _owned = World(rank, size, "nccl" if gpu else "gloo", timeout, group), True
     return _world
 
 

@@ -366,6 +366,8 @@ def _scenarios(rank: int, port: int, folder: str) -> None:
     from lowrank_audit.analyses.capture import Capture, combine
     from lowrank_audit.errors import OptionError
 
+    # The group a script initializes itself, adopted by join() (torchrun's own path is tested above).
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     world = distributed.join("cpu", 60)
     out: dict[str, Any] = {"rank": world.rank, "size": world.size, "backend": world.backend}
 
@@ -408,6 +410,7 @@ def _scenarios(rank: int, port: int, folder: str) -> None:
     out["raw"] = [whole.seen, whole.rows["m"][:, 0].tolist()]
     (Path(folder) / f"rank-{world.rank}.json").write_text(json.dumps(out))
     distributed.leave(None)
+    torch.distributed.destroy_process_group()  # the script's own group: leave() does not destroy it
 
 
 def test_exchanges_between_two_processes(tmp_path):
