@@ -19,7 +19,7 @@ LLaMA-2-70B pair on ``--project-gpus`` processes under the assumptions it states
 
 Run by hand (about 5 minutes with ``--repeats 3`` on 2 CPU cores)::
 
-    python benchmarks/distributed.py                 # 3 layers: 1.2 GiB per checkpoint
+    python benchmarks/distributed.py                 # 3 layers: 1.1 GiB per checkpoint
     python benchmarks/distributed.py --layers 1 --repeats 1 --keep /tmp/pair
 """
 
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from finetunes import LLAMA_7B, finetune_pair, llama_shapes, save_pair
 
 import lowrank_audit
@@ -87,7 +88,9 @@ def project(seconds: dict[tuple[int, int], float], gpus: int, read_gbps: float) 
     compute = sum(per_mn * m * n * c for (m, n), c in shapes.items())
     print(f"\nprojection: LLaMA-2-70B pair, fp16: {nbytes / 1e9:.0f} GB to read; matrices per shape: "
           + ", ".join(f"{c} x {m}x{n}" for (m, n), c in shapes.items()))  # fmt: skip
-    print(f"  measured here: {per_mn * 1e9:.2f} s per 1e9 entries (CPU, 2 threads) -> {compute / 3600:.1f} hours "
+    print(f"  measured here: {per_mn * 1e9:.2f} s per 1e9 entries (CPU, {torch.get_num_threads()} threads; the "
+          "exact k/v_proj counted at that rate too) -> "
+          f"{compute / 3600:.1f} hours "
           f"of decomposition here; over {gpus} such machines {compute / gpus / 60:.0f} min each")  # fmt: skip
     print(f"  reading at {read_gbps:g} GB/s (one node's disk, shared by its {gpus} processes): "
           f"{nbytes / 1e9 / read_gbps / 60:.1f} min; that bounds the run from below on any device")  # fmt: skip
@@ -141,7 +144,7 @@ def main() -> None:
     print(f"largest |Δσ|/σ₁ between the reports: {same(folder / 'one.parquet', folder / 'two.parquet'):.1e}")
     seconds = per_shape(ft, base)
     for (m, n), s in seconds.items():
-        print(f"  {m}x{n}: {s:.2f} s per matrix (in-process, 2 threads)")
+        print(f"  {m}x{n}: {s:.2f} s per matrix (in-process, {torch.get_num_threads()} threads)")
     project(seconds, args.project_gpus, args.read_gbps)
 
 

@@ -1,4 +1,4 @@
-"""Many processes, one audit: the commands under ``torchrun`` (or Slurm, or ``accelerate launch``).
+"""Many processes, one audit: the commands under ``torchrun`` (``srun torchrun``, or ``accelerate launch``).
 
 A launcher starts the same command in every process and tells each its place through the
 environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
@@ -8,8 +8,9 @@ shard over the joined group (:func:`current`); without one nothing here runs and
 changes.
 
 Every process builds the same plan from the inputs' headers, takes its cost-balanced share
-(:meth:`World.share`), reads and decomposes only that, and the results travel to rank 0
-(:meth:`World.gather`), which alone writes outputs (:meth:`World.on_main`). A failure on
+(:meth:`World.share`), reads and decomposes only that, and the results are gathered
+(:meth:`World.gather`: to every process; factors to rank 0 alone). Rank 0 alone writes
+outputs (:meth:`World.on_main`). A failure on
 any process is data in the exchange: every process learns it at the same point, rank 0
 reports it, and every process exits with its code. A failure met outside any exchange
 (planning, an option, an output that exists) is told to the others at their next one
@@ -25,6 +26,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -85,7 +87,7 @@ class World:
         if self.size == 1:
             return work()
         value, failed = _attempt(work)
-        self._settle(failed)
+        self._raise(self._settle(failed))
         return value  # type: ignore[return-value]
 
     def gather(self, work: Callable[[], T], *, everywhere: bool = True) -> list[T]:
@@ -99,9 +101,9 @@ class World:
             return [work()]
         # Pickled inside the attempt, so that nothing but the transport can fail between the
         # status exchange and the data's (a failure there would meet the wrong collective).
-        payload = self.run(lambda: pickle.dumps(work(), protocol=pickle.HIGHEST_PROTOCOL))
+        payload = self.run(lambda: _pickled(work()))
         dist = _dist()
-        try:
+        with self._transport():
             if everywhere:
                 out: list[Any] = [None] * self.size
                 dist.all_gather_object(out, payload, group=self.group)
@@ -110,69 +112,85 @@ class World:
                 dist.send_object_list([payload], dst=0, group=self.group)
                 return []
             # One process's results at a time: rank 0 never holds every process's pickle at once.
-            got = [pickle.loads(payload)]
-            del payload
-            for rank in range(1, self.size):
-                box: list[Any] = [None]
-                dist.recv_object_list(box, src=rank, group=self.group)
-                got.append(pickle.loads(box[0]))
-            return got
-        except RuntimeError as exc:
-            raise self._lost(exc) from None
+            # Every sender is received even after a failure here, so that none is left waiting.
+            got: list[Any] = []
+            failed: BaseException | None = None
+            for rank in range(self.size):
+                box: list[Any] = [payload]
+                payload = None
+                if rank:
+                    dist.recv_object_list(box, src=rank, group=self.group)
+                if failed is None:
+                    try:
+                        got.append(pickle.loads(box[0]))
+                    except Exception as exc:  # noqa: BLE001 - out of memory, say: told at the next exchange
+                        _trace(exc)
+                        failed = exc
+                box.clear()
+        if failed is not None:
+            raise failed
+        return got
 
     def on_main(self, work: Callable[[], T], *, share: bool = True) -> T | None:
         """Run ``work`` on rank 0 only (writing an output); every process gets its result (only
         rank 0 without ``share``; the others None), or raises its failure."""
         if self.size == 1:
             return work()
-        self._settle(None)  # first: a process that failed on its own is heard before rank 0 writes
-        value, failed = _attempt(work) if self.main else (None, None)
-        told = value if failed is None and share else None
-        box: list[Any] = [None if failed is None else describe_failure(failed), told]
-        try:
+        self._raise(self._settle(None))  # first: a process that failed on its own is heard before rank 0 writes
+        value: Any = None
+        failed: BaseException | None = None
+        if self.main:  # the result pickled inside the attempt too, as in gather
+            value, failed = _attempt(lambda: (v := work(), _pickled(v) if share else None))
+        box: list[Any] = [None if failed is None else describe_failure(failed), value[1] if value else None]
+        with self._transport():
             _dist().broadcast_object_list(box, src=0, group=self.group)
-        except RuntimeError as exc:
-            raise self._lost(exc) from None
         if failed is not None:
             raise _exchanged(failed)
         if box[0] is not None:
             raise PeerFailure(*box[0])
-        return value if self.main else box[1]
+        if self.main:
+            return value[0]
+        return pickle.loads(box[1]) if box[1] is not None else None
 
     def reduce(self, tensors: Sequence[torch.Tensor]) -> None:
         """Sum CPU tensors over all processes into rank 0's, in place, in the order given."""
         if self.size == 1:
             return
-        self._settle(None)  # a process that failed on its own is heard here, not in a reduce
+        self._raise(self._settle(None))  # a process that failed on its own is heard here, not in a reduce
         dist = _dist()
-        try:
+        with self._transport():
             for t in tensors:
                 dist.reduce(t, dst=0, op=dist.ReduceOp.SUM, group=self.group)
-        except RuntimeError as exc:
-            raise self._lost(exc) from None
 
-    def _settle(self, failed: BaseException | None) -> None:
-        """Every process says whether its work failed; the first failure (by rank) is raised
-        everywhere: as itself on its own process, as a :class:`PeerFailure` on the others."""
+    def _settle(self, failed: BaseException | None) -> BaseException | None:
+        """Every process says whether it failed; the first failure by rank, which every process
+        then raises (as itself on its own process, as a :class:`PeerFailure` on the others), or None."""
         said: list[Any] = [None] * self.size
-        try:
+        with self._transport():
             _dist().all_gather_object(said, None if failed is None else describe_failure(failed), group=self.group)
-        except RuntimeError as exc:
-            raise self._lost(exc) from None
         first = next((rank for rank, s in enumerate(said) if s is not None), None)
         if first is None:
-            return
+            return None
         if first == self.rank:
-            raise _exchanged(failed)  # type: ignore[arg-type]
+            return _exchanged(failed)  # type: ignore[arg-type]
         message, code = said[first]
-        raise PeerFailure(f"{message} (on process {first} of {self.size})", code)
+        return PeerFailure(f"{message} (on process {first} of {self.size})", code)
 
-    def _lost(self, exc: RuntimeError) -> GroupError:
-        cause = " ".join(str(exc).split())[:300]
-        return GroupError(
-            f"process {self.rank} of {self.size} lost the other processes (one stopped, or gave no answer within "
-            f"--dist-timeout {self.timeout:g} s): {cause}"
-        )
+    @staticmethod
+    def _raise(failure: BaseException | None) -> None:
+        if failure is not None:
+            raise failure
+
+    @contextmanager
+    def _transport(self) -> Iterator[None]:
+        """A collective that fails (a peer stopped, or gave no answer in time) is a lost group."""
+        try:
+            yield
+        except RuntimeError as exc:
+            raise GroupError(
+                f"process {self.rank} of {self.size} lost the other processes (one stopped, or gave no answer "
+                f"within --dist-timeout {self.timeout:g} s): {_cause(exc)}"
+            ) from None
 
 
 def split(items: Sequence[T], cost: Callable[[T], float], parts: int) -> list[list[T]]:
@@ -199,11 +217,31 @@ def told(err: BaseException) -> bool:
     return isinstance(err, PeerFailure) or getattr(err, "lowrank_audit_exchanged", False)
 
 
-def everywhere(err: BaseException) -> BaseException:
+def alike(err: BaseException) -> BaseException:
     """Mark an error that every process meets alike before joining (a bad ``--dist-timeout``,
     a command that refuses a launcher): rank 0's line says it for all."""
-    err.lowrank_audit_everywhere = True  # type: ignore[attr-defined]
+    err.lowrank_audit_alike = True  # type: ignore[attr-defined]
     return err
+
+
+def is_alike(err: BaseException) -> bool:
+    return getattr(err, "lowrank_audit_alike", False)
+
+
+def traced(err: BaseException) -> bool:
+    """Whether ``err``'s traceback was printed already (a bug, where it happened)."""
+    return getattr(err, "lowrank_audit_traced", False)
+
+
+def mark_traced(err: BaseException) -> None:
+    err.lowrank_audit_traced = True  # type: ignore[attr-defined]
+
+
+def _trace(err: BaseException) -> None:
+    """Print a bug's traceback where it happened, once."""
+    if describe(err) is None and not traced(err):
+        traceback.print_exception(err)
+        mark_traced(err)
 
 
 def describe_failure(err: BaseException) -> tuple[str, int]:
@@ -219,9 +257,16 @@ def _attempt(work: Callable[[], T]) -> tuple[T | None, BaseException | None]:
     try:
         return work(), None
     except Exception as exc:  # noqa: BLE001 - every failure is sent to the other processes
-        if describe(exc) is None:
-            traceback.print_exc()  # a bug: its traceback where it happened
+        _trace(exc)
         return None, exc
+
+
+def _pickled(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _cause(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 def _exchanged(err: BaseException) -> BaseException:
@@ -230,11 +275,20 @@ def _exchanged(err: BaseException) -> BaseException:
 
 
 def launched() -> bool:
-    """Whether a launcher started this process as one of several (``WORLD_SIZE`` above 1)."""
+    """Whether a launcher started this process as one of several (``WORLD_SIZE`` above 1),
+    unless ``LOWRANK_AUDIT_DISTRIBUTED=0`` (a tool run from inside a training job's process,
+    which inherits the job's environment, stays alone)."""
+    if os.environ.get("LOWRANK_AUDIT_DISTRIBUTED", "").strip() == "0":
+        return False
     try:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1
     except ValueError:
         return False
+
+
+def silent_here() -> bool:
+    """Whether this process leaves printing to rank 0: one of several, and not rank 0."""
+    return launched() and os.environ.get("RANK", "0") != "0"
 
 
 def local_rank() -> int | None:
@@ -272,13 +326,13 @@ def join(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> World:
     the GPU of the local rank. The CLI calls this before each command that shards.
 
     Raises:
-        OptionError: ``timeout`` is not a positive number of seconds.
+        OptionError: ``timeout`` is not a positive number of seconds up to :data:`MAX_TIMEOUT`.
         GroupError: The group cannot be joined within ``timeout`` seconds.
     """
     global _world, _owned
     if not 0 < timeout <= MAX_TIMEOUT:  # NaN fails too
-        raise everywhere(
-            OptionError(f"dist-timeout must be a positive number of seconds up to {MAX_TIMEOUT:g} but got {timeout}")
+        raise alike(
+            OptionError(f"dist-timeout must be a positive number of seconds up to {MAX_TIMEOUT:.0f} but got {timeout}")
         )
     if _world is not None:
         return _world
@@ -295,22 +349,22 @@ def join(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> World:
     from lowrank_audit.engine.config import resolve_device
 
     rank, size = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
-    gpu = resolve_device(device).type == "cuda"
+    dev = resolve_device(device)
+    gpu = dev.type == "cuda"
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
         if gpu:
             import torch
 
-            torch.cuda.set_device(resolve_device(device))
+            torch.cuda.set_device(dev)
         with _held_stderr():  # torch's C++ log of a failed connection: a stack trace per retry
             dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout))
             # Results are CPU objects: on GPUs they travel on a gloo group over the same processes.
             group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)) if gpu else None
     except (RuntimeError, ValueError, OSError) as exc:  # torch's store and backend errors
-        cause = " ".join(str(exc).split())[:300]
         raise GroupError(
             f"process {rank} of {size} could not join the process group at {where} within --dist-timeout "
-            f"{timeout:g} s: {cause}"
+            f"{timeout:g} s: {_cause(exc)}"
         ) from None
     _world, _owned = World(rank, size, "nccl" if gpu else "gloo", timeout, group), True
     return _world
@@ -340,22 +394,16 @@ def conclude(err: BaseException) -> BaseException:
     """A failure this process met outside any exchange (planning, options, an output that
     exists), told to the others at their next exchange: returns the failure to report, the
     first by rank among those the processes met (itself, marked exchanged, or a
-    :class:`PeerFailure`). Alone, or for a lost group or an interrupt, ``err`` as it is."""
+    :class:`PeerFailure`). Alone, or for a lost group, a told failure or an interrupt, ``err``."""
     world = current()
-    local = (GroupError, PeerFailure, BrokenPipeError)  # a lost group, a failure already told, rank 0's stdout
-    if world.size == 1 or isinstance(err, local) or not isinstance(err, Exception):
+    local = (GroupError, BrokenPipeError)  # a lost group; rank 0's own stdout
+    if world.size == 1 or isinstance(err, local) or not isinstance(err, Exception) or told(err):
         return err
-    if told(err):
-        return err
-    if describe(err) is None:
-        traceback.print_exception(err)  # a bug: its traceback where it happened (as _attempt does)
+    _trace(err)
     try:
-        world._settle(err)
+        return world._settle(err) or err
     except GroupError:
         return err
-    except BaseException as first:  # noqa: BLE001 - _settle raises the failure to report
-        return first
-    return err  # not reached: _settle raises when a failure is given
 
 
 def leave(err: BaseException | None) -> None:
@@ -366,7 +414,7 @@ def leave(err: BaseException | None) -> None:
     exit, stops the rest; a stop signal then changes nothing (the exit code stays).
     """
     global _world, _owned
-    if err is not None and launched():
+    if err is not None and launched() and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting with its code: a launcher's stop changes nothing
     if _world is None:
         return
@@ -380,5 +428,6 @@ def leave(err: BaseException | None) -> None:
     _world, _owned = None, False
 
 
-__all__ = ["DEFAULT_TIMEOUT", "GroupError", "PeerFailure", "World", "block", "conclude", "current", "describe_failure",
-           "everywhere", "join", "launched", "leave", "local_rank", "split", "told"]  # fmt: skip
+__all__ = ["DEFAULT_TIMEOUT", "MAX_TIMEOUT", "GroupError", "PeerFailure", "World", "alike", "block", "conclude",
+           "current", "describe_failure", "is_alike", "join", "launched", "leave", "local_rank", "mark_traced",
+           "silent_here", "split", "told", "traced"]  # fmt: skip

@@ -446,4 +446,4 @@ def test_an_error_every_process_meets_before_any_exchange_is_printed_once(tmp_pa
 def test_dist_timeout_must_be_a_positive_number_of_seconds(value):
     result = invoke("spectrum", FT, "--dist-timeout", value, "-q")
     assert result.exit_code == 2
-    assert result.stderr.strip().startswith("Error: dist-timeout must be a positive number of seconds up to 1e+07")
+    assert result.stderr.strip().startswith("Error: dist-timeout must be a positive number of seconds up to 10000000")

@@ -163,7 +163,7 @@ def spectrum_rows(
     )
     if alignment and base is None:
         raise OptionError("alignment against the base needs --base BASE")
-    world = current()  # under torchrun: this process decomposes its share, rank 0 gets every row
+    world = current()  # under torchrun: this process decomposes its share, every process gets every row
     with ExitStack() as stack:
         source: MatrixSource
         if detect(path) is not None:  # a LoRA adapter: its updates, from their factors

@@ -61,4 +61,4 @@ def activations(
             progress=progress, **engine,
         )  # fmt: skip
 
-    report_command(audit, files, out, force=force, reporting=reporting)
+    report_command(audit, files, out, force=force, reporting=reporting, world=world)

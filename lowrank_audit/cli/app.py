@@ -23,9 +23,9 @@ import typer
 from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
+from lowrank_audit import distributed
 from lowrank_audit._version import __version__
 from lowrank_audit.cli.render import err_console, out_console
-from lowrank_audit.distributed import launched
 from lowrank_audit.errors import LowrankAuditError, describe
 
 
@@ -113,7 +113,7 @@ def _noting_interrupts() -> Iterator[threading.Event]:
 
     # Under a launcher SIGTERM too: torchrun stops the other processes with it when one
     # fails, and unfinished outputs must go then as well.
-    signals = (signal.SIGINT, signal.SIGTERM) if launched() else (signal.SIGINT,)
+    signals = (signal.SIGINT, signal.SIGTERM) if distributed.launched() else (signal.SIGINT,)
     previous = {sig: signal.signal(sig, interrupt) for sig in signals}
     try:
         yield noted
@@ -130,24 +130,26 @@ def user_errors() -> Iterator[None]:
     closed stdout 141 (silently), anything else is a bug in this tool: its traceback, then
     exit 70. ``--debug`` (or ``LOWRANK_AUDIT_DEBUG=1``) prints the traceback of every error.
     """
-    from lowrank_audit import distributed
-
     failure: BaseException | None = None
-    with _noting_interrupts() as interrupted:
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                yield
-            for w in caught:
-                err_console.print(f"[yellow]Warning:[/] {_plain(str(w.message))}", highlight=False, soft_wrap=True)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
-            distributed.leave(None)
-            raise
-        except BaseException as err:  # noqa: BLE001 - every failure ends here, as one line
-            if debug and not isinstance(err, KeyboardInterrupt):
-                traceback.print_exc()
-            failure, code = _fail(err, interrupted.is_set())
-    distributed.leave(failure)  # under torchrun: once rank 0 has printed the line, signal handlers restored
+    try:
+        with _noting_interrupts() as interrupted:
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    yield
+                for w in caught:
+                    err_console.print(f"[yellow]Warning:[/] {_plain(str(w.message))}", highlight=False, soft_wrap=True)
+            except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+                raise
+            except BaseException as err:  # noqa: BLE001 - every failure ends here, as one line
+                if debug and not isinstance(err, KeyboardInterrupt) and not distributed.traced(err):
+                    traceback.print_exc()
+                    distributed.mark_traced(err)
+                failure, code = _fail(err, interrupted.is_set())
+    finally:
+        # After the signal handlers are restored: leave() ignores SIGTERM itself while it waits
+        # for rank 0's line under torchrun.
+        distributed.leave(failure)
     if failure is not None:
         raise typer.Exit(code) from None
 
@@ -156,17 +158,15 @@ def _fail(err: BaseException, interrupted: bool) -> tuple[BaseException, int]:
     """Report a failure and return it with its exit code. Under a launcher the other
     processes learn of it first (:func:`lowrank_audit.distributed.conclude`), so that rank 0
     prints the one line for all; a failure they cannot be told of is printed where it happened."""
-    from lowrank_audit import distributed
-
-    if distributed.launched():
+    if distributed.launched() and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting anyway: a stop must not cut the exchange
     err = distributed.conclude(err)
-    rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    untold = not distributed.told(err) and not getattr(err, "lowrank_audit_everywhere", False)
-    if distributed.launched() and rank != "0" and untold and not isinstance(err, KeyboardInterrupt):
+    untold = not (distributed.told(err) or distributed.is_alike(err) or isinstance(err, KeyboardInterrupt))
+    if distributed.silent_here() and untold:
         err_console.quiet = False  # rank 0 does not know of it: say it here
         known = describe(err)
         if known is not None and not isinstance(err, distributed.GroupError):  # which names its process
+            rank, size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
             err = LowrankAuditError(f"process {rank} of {size}: {known[0]}")
             err.exit_code = known[1]
     return err, _report(err, interrupted)
@@ -189,7 +189,7 @@ def _report(err: BaseException, interrupted: bool) -> int:
         return known[1]
     if not isinstance(err, Exception):  # SystemExit and the like pass through as they are
         raise err
-    if not debug and not getattr(err, "lowrank_audit_exchanged", False):  # an exchanged bug printed it already
+    if not distributed.traced(err):  # printed where it happened, or by --debug
         traceback.print_exception(err)
     _error(f"internal error ({type(err).__name__}); this is a bug in lowrank-audit, please report it")
     return INTERNAL

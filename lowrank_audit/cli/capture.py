@@ -119,7 +119,7 @@ def capture(
     force: ForceOpt = False,
     *,
     reporting: Reporting,
-    world: World,
+    world: World,  # naming it makes the command shard; the library writes on rank 0
 ) -> None:
     """Run a model over batches and record the inputs of its Linear layers: their moments (X^T X, row sum, rows; float64), or with --raw the rows themselves.
 

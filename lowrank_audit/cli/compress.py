@@ -87,7 +87,7 @@ def compress(
     rank_policy: RankPolicy,
     engine: dict,
     reporting: Reporting,
-    world: World,
+    world: World,  # naming it makes the command shard; the library writes on rank 0
 ) -> None:
     """Write a PEFT LoRA adapter of a fine-tune (--base), a low-rank factorized checkpoint, or a LoRA adapter resized.
 

@@ -80,7 +80,12 @@ MethodOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[
-    str, typer.Option(help="auto (CUDA when present), cpu, or cuda[:N].", rich_help_panel="Engine", metavar="DEVICE")
+    str,
+    typer.Option(
+        help="auto (CUDA when present; under torchrun the local rank's GPU), cpu, or cuda[:N].",
+        rich_help_panel="Engine",
+        metavar="DEVICE",
+    ),
 ]
 DtypeOpt = Annotated[
     str,
@@ -277,9 +282,11 @@ GROUPS: dict[str, Callable[..., Any]] = {"engine": _engine, "rank_policy": _rank
 
 def grouped(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Give a command every option of the groups it names as parameters (``engine``,
-    ``rank_policy``, ``reporting``), so each group is declared here once and reaches the command
-    as one value: ``engine`` the library's engine keyword arguments, ``rank_policy`` a validated
-    :class:`~lowrank_audit.ranks.RankPolicy`, ``reporting`` a :class:`Reporting`.
+    ``rank_policy``, ``reporting``, ``world``), so each group is declared here once and reaches
+    the command as one value: ``engine`` the library's engine keyword arguments, ``rank_policy``
+    a validated :class:`~lowrank_audit.ranks.RankPolicy`, ``reporting`` a :class:`Reporting`,
+    ``world`` the joined :class:`~lowrank_audit.distributed.World` (``--dist-timeout``; naming
+    it is what makes a command shard under torchrun).
 
     A command that takes ``--base`` audits checkpoints, and gets ``--revision``: its checkpoint
     (and base) may be a Hugging Face model id, resolved offline from the local cache
@@ -337,17 +344,15 @@ def _join(name: str, kwargs: dict[str, Any], *, sharded: bool) -> None:
     """Join the launcher's process group for a command that shards; refuse one that does not
     when a launcher started several processes (each would write the same outputs). Off rank 0
     nothing is printed, from the start: rank 0 reports for every process."""
-    import os
-
     from lowrank_audit import distributed
     from lowrank_audit.cli.render import err_console, out_console
     from lowrank_audit.errors import OptionError
 
-    if distributed.launched() and os.environ.get("RANK", "0") != "0":
+    if distributed.silent_here():
         out_console.quiet = err_console.quiet = True
     if not sharded:
         if distributed.launched():
             refused = OptionError(f"{name} runs in one process; start it without torchrun or another launcher")
-            raise distributed.everywhere(refused)
+            raise distributed.alike(refused)
         return
     distributed.join(str(kwargs.get("device") or "cpu"), kwargs["dist_timeout"])

@@ -164,12 +164,12 @@ def spectrum(
             alignment=alignment, **engine,
         )  # fmt: skip
 
-    report_command(audit, [checkpoint] + ([base] if base else []), out, force=force, reporting=reporting)
+    report_command(audit, [checkpoint] + ([base] if base else []), out, force=force, reporting=reporting, world=world)
 
 
 def report_command(
     audit: Callable[[ProgressCallback | None], ReportRows], inputs: Sequence[Path], out: Path | None, *,
-    force: bool, reporting: Reporting,
+    force: bool, reporting: Reporting, world: World,
 ) -> None:  # fmt: skip
     """What a command that makes a spectrum report does around it: refuse ``out`` early, audit
     under a progress bar, write the report, show the table or JSON (spectrum, activations).
@@ -185,10 +185,9 @@ def report_command(
         rows, meta = audit(progress)
     elapsed = time.perf_counter() - started
     if out is not None:
-        from lowrank_audit.distributed import current
         from lowrank_audit.formats.report import build_frame, write_report
 
-        current().on_main(lambda: write_report(build_frame(rows, meta), out, force=force))
+        world.on_main(lambda: write_report(build_frame(rows, meta), out, force=force))  # rank 0 alone writes
     if reporting.as_json:
         print_json(json_summary(rows, meta, out))
     else:

@@ -59,6 +59,20 @@ def _decompose(
     batch: Batch, rows: list[int], need: Need, config: EngineConfig, *, vectors: bool, gram: bool = False
 ) -> list[Triplets]:
     """What ``need`` asks of the given rows of a batch, computed on the configured device."""
+    if vectors and not config.exact_for(min(batch.specs[0].rows, batch.specs[0].cols)):
+        # A sketch starts as wide as the largest rank asked in its call: matrices asking
+        # different ranks (a budget's) go in separate calls, one at a time on the device, so
+        # that each matrix's factors do not depend on its batch-mates (the batch plan,
+        # --max-batch-mb, torchrun's shares).
+        by_rank: dict[int | None, list[int]] = {}
+        for i in rows:
+            known = need(batch.identities[i][0], np.empty(0), energy=batch.energies[i], floor=batch.floors[i])
+            by_rank.setdefault(known, []).append(i)
+        if len(by_rank) > 1:
+            found: dict[int, Triplets] = {}
+            for part in by_rank.values():
+                found |= dict(zip(part, _decompose(batch, part, need, config, vectors=True), strict=True))
+            return [found[i] for i in rows]
     stack = select_rows(batch.stack, rows).to(config.device, non_blocking=True)  # pinned source on CUDA
     if gram:
         return gram_triplets(stack, [min(batch.identities[i][0].shape) for i in rows])
@@ -71,19 +85,7 @@ def _decompose(
         return exact_triplets(stack, rank_of, vectors=vectors)
     seeds = [_seed(config.seed, *batch.identities[i]) for i in rows]
     if vectors:
-        # A sketch starts as wide as the largest rank asked in its call: matrices asking
-        # different ranks (a budget's) go in separate calls, so that each matrix's factors
-        # do not depend on its batch-mates (the batch plan, --max-batch-mb, torchrun's shares).
-        by_rank: dict[int | None, list[int]] = {}
-        for j, rank in enumerate(rank_of):
-            by_rank.setdefault(rank(np.empty(0)), []).append(j)
-        found: list[Triplets | None] = [None] * len(rows)
-        for js in by_rank.values():
-            part = adaptive_svd(select_rows(stack, js), [rank_of[j] for j in js], seeds=[seeds[j] for j in js],
-                                vectors=True, oversample=FACTOR_OVERSAMPLE)  # fmt: skip
-            for j, t in zip(js, part, strict=True):
-                found[j] = t
-        return found  # type: ignore[return-value]
+        return adaptive_svd(stack, rank_of, seeds=seeds, vectors=True, oversample=FACTOR_OVERSAMPLE)
     # A report's sketch grows until its energy ranks are certified or lie in the noise
     # (lowrank_audit.bounds), and keeps the top BLOCK - p values at least.
     energies = [batch.energies[i] for i in rows]
