@@ -257,6 +257,28 @@ def test_compress_with_a_budget_under_two_processes_equals_one(tmp_path):
     assert metadata(two / report)["world_size"] == 2
 
 
+def test_calibrated_factorized_compress_under_two_processes_equals_one(tmp_path):
+    """No base, with calibration moments: off rank 0 a process factors only its share's XᵀX."""
+    moments = sorted((SAMPLES / "calibration").glob("moments-*.safetensors"))
+    args = (FT, "--rank", "4", *(a for m in moments for a in ("--calibration", m)), "--device", "cpu", "-q")
+    ok(torchrun("compress", *args, "--out", "two", cwd=tmp_path))
+    with one_thread():
+        ok(invoke("compress", *args, "--out", tmp_path / "one"))
+    a, b = (load_file(tmp_path / side / "model.safetensors") for side in ("two", "one"))
+    assert a.keys() == b.keys()
+    factored = [n[: -len(".lowrank_A")] for n in a if n.endswith(".lowrank_A")]
+    assert factored
+    for name in factored:
+        got = a[f"{name}.lowrank_B"].double() @ a[f"{name}.lowrank_A"].double()
+        want = b[f"{name}.lowrank_B"].double() @ b[f"{name}.lowrank_A"].double()
+        assert float((got - want).abs().max()) <= SV_RTOL * float(want.abs().max()), name
+    assert all(torch.equal(a[n], b[n]) for n in a if ".lowrank_" not in n)
+    report = "compress-report.parquet"
+    two, one = pd.read_parquet(tmp_path / "two" / report), pd.read_parquet(tmp_path / "one" / report)
+    assert two["calibrated"].fillna(False).any()
+    assert_same_report(two, one)
+
+
 def test_trajectory_under_two_processes_equals_one(tmp_path):
     steps = sorted(str(p) for p in (SAMPLES / "dmf").glob("step-*.safetensors"))
     ok(torchrun("trajectory", *steps, "--out", "two.parquet", "-q", cwd=tmp_path))
