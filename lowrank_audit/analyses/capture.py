@@ -413,6 +413,16 @@ def capture_to_file(
     return result
 
 
+@dataclass(frozen=True)
+class _Summary:
+    """What each process tells the others of its capture before the sums (small)."""
+
+    seen: dict[str, int]
+    groups: list[set[str]]
+    batches: int
+    moments: dict[str, tuple[int, int, int]]  # module -> (width, rows added, rows left out: NaN/Inf)
+
+
 def combine(result: Capture, world: World, *, raw: bool = False, max_rows: int = DEFAULT_MAX_ROWS) -> Capture:
     """Every process's capture (each of its own batches, in rank order) as one, on rank 0.
 
@@ -425,43 +435,39 @@ def combine(result: Capture, world: World, *, raw: bool = False, max_rows: int =
     """
     if world.size == 1:
         return result
-    widths = {n: m.width for n, m in result.moments.items()}
-    summary = (result.seen, widths, [list(g) for g in result.groups], result.batches,
-               {n: (m.count, m.nonfinite) for n, m in result.moments.items()})  # fmt: skip
-    summaries = world.gather(lambda: summary)
-    names = sorted({n for seen, *_ in summaries for n in seen})
-    seen = {n: sum(s[0].get(n, 0) for s in summaries) for n in names}
-    batches = sum(s[3] for s in summaries)
+    mine = _Summary(result.seen, [set(g) for g in result.groups], result.batches,
+                    {n: (m.width, m.count, m.nonfinite) for n, m in result.moments.items()})  # fmt: skip
+    summaries = world.gather(lambda: mine)
+    names = sorted({n for s in summaries for n in s.seen})
+    seen = {n: sum(s.seen.get(n, 0) for s in summaries) for n in names}
+    batches = sum(s.batches for s in summaries)
     if raw:
         # Each process sends only the rows still within max_rows after the rows of the processes
         # before it (their batches come first), so rank 0 receives at most max_rows per module.
-        before = {n: sum(s[0].get(n, 0) for s in summaries[: world.rank]) for n in names}
-        mine = {n: r[: max(0, max_rows - before[n])] for n, r in result.rows.items()}
-        parts = world.gather(lambda: {n: r for n, r in mine.items() if len(r)}, everywhere=False)
+        before = {n: sum(s.seen.get(n, 0) for s in summaries[: world.rank]) for n in names}
+        kept = {n: r[: max(0, max_rows - before[n])] for n, r in result.rows.items()}
+        parts = world.gather(lambda: {n: r for n, r in kept.items() if len(r)}, everywhere=False)
         rows = world.on_main(lambda: {n: torch.cat([p[n] for p in parts if n in p]) for n in names
                                       if any(n in p for p in parts)}, share=False)  # fmt: skip
         return Capture({}, rows, seen, (), batches) if world.main else result
-    width = {n: w for _, ws, *_ in summaries for n, w in ws.items()}
     moments = {}
     for n in names:
-        own = result.moments.get(n) or Moments.empty(n, width[n])
+        held = [s.moments[n] for s in summaries if n in s.moments]  # (width, count, nonfinite) where it ran
+        own = result.moments.get(n) or Moments.empty(n, held[0][0])
         # Off rank 0, gloo's reduce may leave partial sums in the buffers: reduce copies there.
         sums = [own.xtx, own.total] if world.main else [own.xtx.clone(), own.total.clone()]
         world.reduce(sums)
-        count = sum(s[4].get(n, (0, 0))[0] for s in summaries)
-        nonfinite = sum(s[4].get(n, (0, 0))[1] for s in summaries)
-        moments[n] = Moments(n, sums[0], sums[1], count, nonfinite)
+        moments[n] = Moments(n, sums[0], sums[1], sum(h[1] for h in held), sum(h[2] for h in held))
 
-    def group_on(rank: int, name: str) -> Any:
+    def group_on(s: _Summary, name: str) -> Any:
         """The module's accumulator on a process: None where it never ran (no say in grouping)."""
-        seen_there, _, groups, *_ = summaries[rank]
-        if name not in seen_there:
+        if name not in s.seen:
             return None
-        return next((i for i, g in enumerate(groups) if name in g), ("alone", name))
+        return next((i for i, g in enumerate(s.groups) if name in g), ("alone", name))
 
     by_key: dict[tuple[Any, ...], list[str]] = {}
     for n in names:
-        by_key.setdefault(tuple(group_on(r, n) for r in range(world.size)), []).append(n)
+        by_key.setdefault(tuple(group_on(s, n) for s in summaries), []).append(n)
     groups = tuple(sorted(tuple(g) for g in by_key.values() if len(g) > 1))
     return Capture(moments, {}, seen, groups, batches) if world.main else result
 
